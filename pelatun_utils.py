@@ -276,14 +276,26 @@ def safetensors_header(path: Path) -> bytes:
         return f.read(n)
 
 
+def sample_sha256(path: Path, samples: int = 16, size: int = 1 << 16) -> str:
+    """sha256 of `samples` evenly spaced `size`-byte slices of a file: cheap, and differs between checkpoints."""
+    h = hashlib.sha256()
+    n = path.stat().st_size
+    with open(path, "rb") as f:
+        for k in range(samples):
+            f.seek(k * max(0, n - size) // max(1, samples - 1))
+            h.update(f.read(size))
+    return h.hexdigest()
+
+
 def fingerprint_model(model_dir: str | Path) -> dict:
-    """A cheap identity of the weights: config hash, and each shard's size and header hash."""
+    """A cheap identity of the weights: config hash, and each shard's size, header hash and sampled-bytes hash."""
     model_dir = Path(model_dir)
     shards = sorted(set(weight_map(model_dir).values()))
     return {
         "config_sha256": sha256_file(model_dir / "config.json"),
         "shards": {s: {"bytes": (model_dir / s).stat().st_size,
-                       "header_sha256": hashlib.sha256(safetensors_header(model_dir / s)).hexdigest()}
+                       "header_sha256": hashlib.sha256(safetensors_header(model_dir / s)).hexdigest(),
+                       "sample_sha256": sample_sha256(model_dir / s)}
                    for s in shards},
     }
 
@@ -464,7 +476,7 @@ def read_records(path: Path) -> tuple[str, list]:
     if path.suffix != ".jsonl":
         raise PelatunError(f"DATA={str(path)!r}: use a .txt file or a .jsonl with a 'text' or 'messages' field.")
     records = []
-    for n, line in enumerate(raw.splitlines(), 1):
+    for n, line in enumerate(raw.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
         if not line.strip():
             continue
         try:
@@ -486,8 +498,16 @@ def read_records(path: Path) -> tuple[str, list]:
 
 def tokenize_chat(tokenizer, messages: list[dict], where: str) -> Sample:
     """Render chat messages with the tokenizer's template; labels only on the assistant turns."""
-    if not any(m.get("role") == "assistant" for m in messages):
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise PelatunError(f"{where}: 'messages' must be a list of {{\"role\": ..., \"content\": ...}} "
+                           f"objects with string values.")
+    if not any(m["role"] == "assistant" for m in messages):
         raise PelatunError(f"{where} has no assistant turn, so there is nothing to learn from it; add one or drop it.")
+    if messages[0]["role"] == "assistant":
+        raise PelatunError(f"{where} opens with an assistant turn; start the conversation with a user (or system) "
+                           f"message.")
     render = lambda msgs, gen=False: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
     text = render(messages)
     spans = []  # character spans of assistant turns in the rendered text
@@ -522,6 +542,7 @@ def load_samples(data: str | Path, tokenizer, context_length: int, long_samples:
     samples: list[Sample] = []
     if path.suffix == ".txt":
         ids = tokenizer(records[0])["input_ids"]
+        cut(Sample([], []), context_length, long_samples)  # validates LONG_SAMPLES
         for s in cut(Sample(ids, list(ids)), context_length, "window"):
             s.prompt = tokenizer.decode(s.ids[:16], skip_special_tokens=True)
             samples.append(s)
@@ -657,6 +678,8 @@ def create_cache(activations_dir: str | Path, identity: dict, splits: dict[str, 
     manifest = {"format": MANIFEST_FORMAT, "identity": identity, "hidden_size": hidden_size, "splits": {}}
     dtype = np.dtype(NP_STORAGE[DTYPES[identity["storage_dtype"]]])
     for name, samples in splits.items():
+        if not samples:
+            continue  # an empty split (VAL_FRACTION = 0) has no files
         (d / name).mkdir(exist_ok=True)
         lengths = np.array([len(s.ids) for s in samples], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -685,7 +708,7 @@ def make_parts(offsets: np.ndarray, part_tokens: int) -> list[dict]:
 
 def to_torch(hidden: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """Stored numpy rows -> torch tensor of the storage dtype (bf16 is stored as uint16)."""
-    t = torch.from_numpy(np.ascontiguousarray(hidden))
+    t = torch.from_numpy(np.array(hidden))  # a writable copy of the memmap rows
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
@@ -931,12 +954,10 @@ def print_plan(plan: dict) -> None:
 
 
 def block_parameter_count(config) -> int:
-    """Parameters of one decoder layer, from the config (attention + MLP + 2 norms)."""
-    h, i = config.hidden_size, config.intermediate_size
-    hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    bias = (q + 2 * kv) if getattr(config, "attention_bias", False) or config.model_type == "qwen2" else 0
-    return h * q + 2 * h * kv + q * h + bias + 3 * h * i + 2 * h
+    """Parameters of one decoder layer, counted on the meta device (no memory) from the real class."""
+    DecoderLayer, _, _ = layer_classes(config)
+    with torch.device("meta"):
+        return sum(p.numel() for p in DecoderLayer(config, layer_idx=0).parameters())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1012,6 +1033,8 @@ def autocast(device: torch.device, dtype: torch.dtype):
 @torch.no_grad()
 def evaluate(model: TopModel, cache: Cache, split: str, device: torch.device, dtype: torch.dtype) -> float:
     """Mean next-token loss over the split's target tokens."""
+    if split not in cache.manifest["splits"]:
+        raise PelatunError(f"The cache has no {split!r} split to evaluate; set VAL_FRACTION > 0.")
     model.eval()
     total, count = 0.0, 0
     for i in range(cache.manifest["splits"][split]["n_samples"]):
@@ -1084,7 +1107,7 @@ def train(model: TopModel, cache: Cache, *, epochs: int, lr: float, batch_tokens
         history["step"].append(step)
         history["train_loss"].append(total / max(n_targets, 1))
         bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}")
-        if eval_every and ((step + 1) % eval_every == 0 or step == len(steps) - 1) and cache.manifest["splits"]["val"]["n_samples"]:
+        if eval_every and ((step + 1) % eval_every == 0 or step == len(steps) - 1) and "val" in cache.manifest["splits"]:
             history["val_step"].append(step)
             history["val_loss"].append(evaluate(model, cache, "val", device, dtype))
     return history

@@ -1,0 +1,174 @@
+"""The peristaltic pass: the cache holds exactly what transformers' full forward computes."""
+import gc
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import pelatun_utils as pu
+from helpers import build_cache, write_text
+
+
+def reference_hidden(model_dir, cache, layer: int, batch_tokens: int, dtype=torch.float32) -> dict:
+    """Full-model hidden_states[layer] per split, on the same padded batches the pass used."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    out = {}
+    for split in cache.manifest["splits"]:
+        tokens = np.array(cache.array(split, "tokens"), dtype=np.int64)
+        off = cache.offsets(split)
+        rows = [None] * (len(off) - 1)
+        for part in cache.manifest["splits"][split]["parts"]:
+            s0, s1 = part["samples"]
+            ids = [torch.from_numpy(tokens[off[i]:off[i + 1]]) for i in range(s0, s1)]
+            for batch in pu.make_batches([len(x) for x in ids], batch_tokens):
+                x, mask = pu.pad_batch([ids[i] for i in batch])
+                with torch.no_grad():
+                    hs = model(input_ids=x, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
+                for j, i in enumerate(batch):
+                    rows[s0 + i] = hs[j, :len(ids[i])].float().numpy()
+        out[split] = rows
+    return out
+
+
+def cached_hidden(cache, split):
+    return [h for _, _, h in pu.read_activations(cache.dir, split)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_float32_cache_is_bitwise_the_full_forward(arch, tiny_model, tmp_path):
+    """fp32: cached hidden states == transformers' output_hidden_states[L - TRAIN_LAYERS], bit for bit."""
+    model_dir = tiny_model(arch)
+    data = write_text(tmp_path / "d.txt")
+    for train_layers in (1, 2):
+        cache, stats, _ = build_cache(model_dir, data, tmp_path / f"act{train_layers}", train_layers=train_layers,
+                                      val_fraction=0.2, batch_tokens=96)
+        assert stats.blocks_run == 4 - train_layers and stats.max_live_blocks == 1
+        ref = reference_hidden(model_dir, cache, 4 - train_layers, 96)
+        for split in ("train", "val"):
+            got = cached_hidden(cache, split)
+            assert len(got) == len(ref[split]) > 0
+            for g, r in zip(got, ref[split]):
+                assert g.shape == r.shape
+                assert np.array_equal(g, r), f"{arch}: max abs diff {np.abs(g - r).max()}"
+
+
+def test_padded_batches_of_mixed_lengths_match(tiny_model, tmp_path):
+    """Chat samples of different lengths are batched with padding; no padding is stored, results still bitwise."""
+    model_dir = tiny_model("llama")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": "Count to " + str(i)},
+        {"role": "assistant", "content": " ".join(str(k) for k in range(i))}]}) + "\n" for i in range(1, 13)))
+    cache, _, splits = build_cache(model_dir, data, tmp_path / "act", context_length=128, batch_tokens=400)
+    lengths = [len(s.ids) for s in splits["train"]]
+    assert len(set(lengths)) > 3 and cache.manifest["splits"]["train"]["n_tokens"] == sum(lengths)
+    ref = reference_hidden(model_dir, cache, 3, 400)
+    for g, r in zip(cached_hidden(cache, "train"), ref["train"]):
+        assert np.array_equal(g, r)
+
+
+# 16-bit storage rounds each block's output once: the error grows with depth, relative to the state's size.
+TOLERANCE_16BIT = {torch.float16: 4e-3, torch.bfloat16: 3e-2}  # max |cache - ref| / max |ref|, per sample
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_cache_within_rounding(dtype, tiny_model, tmp_path):
+    """A 16-bit model's cache is stored in its dtype and stays within the stated rounding tolerance."""
+    model_dir = tiny_model("llama", dtype=dtype)
+    cache, _, _ = build_cache(model_dir, write_text(tmp_path / "d.txt"), tmp_path / "act")
+    assert cache.dtype == dtype
+    assert (cache.dir / "train" / "hidden.bin").stat().st_size == cache.manifest["splits"]["train"]["n_tokens"] * 64 * 2
+    ref = reference_hidden(model_dir, cache, 3, 128, dtype=torch.float32)
+    for g, r in zip(cached_hidden(cache, "train"), ref["train"]):
+        assert np.abs(g - r).max() / np.abs(r).max() < TOLERANCE_16BIT[dtype]
+
+
+def test_smollm2_cache_matches_full_model(smollm2_dir, tmp_path):
+    """The real SmolLM2-135M on a few samples of the default data: bf16 cache vs the fp32 full forward."""
+    data = pu.build_default_data(tmp_path / "stdlib_chat.jsonl")
+    cache, stats, _ = build_cache(smollm2_dir, data, tmp_path / "act", context_length=512, batch_tokens=2048,
+                                  max_samples=6)
+    assert stats.blocks_run == 29 and stats.max_live_blocks == 1 and cache.dtype == torch.bfloat16
+    ref = reference_hidden(smollm2_dir, cache, 29, 2048)
+    for g, r in zip(cached_hidden(cache, "train"), ref["train"]):
+        assert np.abs(g - r).max() / np.abs(r).max() < TOLERANCE_16BIT[torch.bfloat16]
+        cos = (g * r).sum(-1) / np.linalg.norm(g, axis=-1) / np.linalg.norm(r, axis=-1)
+        assert cos.min() > 0.999
+
+
+def test_one_block_in_memory(tiny_model, tmp_path, monkeypatch):
+    """During the loop each read touches one block (or the embedding), and at most one block is alive."""
+    model_dir = tiny_model("llama", layers=5)
+    reads, live = [], []
+    real_read, real_run = pu.Weights.read, pu.BlockRunner.run
+
+    def read(self, names):
+        reads.append({n.split(".")[2] if n.startswith("model.layers.") else n for n in names})
+        return real_read(self, names)
+
+    def run(self, blocks, x, mask):
+        gc.collect()
+        live.append(len(pu.LIVE_BLOCKS))
+        params = sum(p.numel() for b in pu.LIVE_BLOCKS for p in b.parameters())
+        assert params <= pu.block_parameter_count(self.config)
+        return real_run(self, blocks, x, mask)
+
+    monkeypatch.setattr(pu.Weights, "read", read)
+    monkeypatch.setattr(pu.BlockRunner, "run", run)
+    build_cache(model_dir, write_text(tmp_path / "d.txt"), tmp_path / "act", train_layers=1)
+    assert reads[0] == {"model.embed_tokens.weight"}
+    assert [r for r in reads[1:]] == [{str(i)} for i in range(4)]
+    assert live and max(live) == 1
+
+
+def test_same_settings_reuse_the_cache(tiny_model, tmp_path):
+    """A second run with the same model, data and settings runs no block."""
+    model_dir, data = tiny_model("llama"), write_text(tmp_path / "d.txt")
+    build_cache(model_dir, data, tmp_path / "act")
+    _, stats, _ = build_cache(model_dir, data, tmp_path / "act")
+    assert stats.blocks_run == 0
+
+
+def test_stale_cache_is_refused(tiny_model, tmp_path):
+    """A cache made for other data, settings or model is refused, naming what differs; files untouched."""
+    model_dir, data = tiny_model("llama"), write_text(tmp_path / "d.txt")
+    cache, _, _ = build_cache(model_dir, data, tmp_path / "act")
+    before = {p.name: p.read_bytes() for p in cache.dir.rglob("*") if p.is_file()}
+    write_text(data, n=41)
+    with pytest.raises(pu.PelatunError, match="different dataset.*delete"):
+        build_cache(model_dir, data, tmp_path / "act")
+    write_text(data, n=40)
+    with pytest.raises(pu.PelatunError, match="different context_length"):
+        build_cache(model_dir, data, tmp_path / "act", context_length=48)
+    with pytest.raises(pu.PelatunError, match="different model"):
+        build_cache(tiny_model("llama", seed=1, name="other", layers=4), data, tmp_path / "act")
+    with pytest.raises(pu.PelatunError, match="after layer 3.*TRAIN_LAYERS"):
+        build_cache(model_dir, data, tmp_path / "act", train_layers=2)
+    assert before == {p.name: p.read_bytes() for p in cache.dir.rglob("*") if p.is_file()}
+
+
+def test_lower_cache_is_advanced(tiny_model, tmp_path):
+    """A cache stopped below the new target is advanced from where it stopped, to the same numbers."""
+    model_dir, data = tiny_model("llama"), write_text(tmp_path / "d.txt")
+    build_cache(model_dir, data, tmp_path / "a", train_layers=3)
+    cache, stats, _ = build_cache(model_dir, data, tmp_path / "a", train_layers=1)
+    assert stats.blocks_run == 2
+    fresh, _, _ = build_cache(model_dir, data, tmp_path / "b", train_layers=1)
+    for g, r in zip(cached_hidden(cache, "train"), cached_hidden(fresh, "train")):
+        assert np.array_equal(g, r)
+
+
+def test_read_activations_layout(tiny_model, tmp_path):
+    """read_activations yields (ids, labels, hidden) per sample in dataset order, HF-aligned labels."""
+    model_dir = tiny_model("llama")
+    cache, _, splits = build_cache(model_dir, write_text(tmp_path / "d.txt"), tmp_path / "act", val_fraction=0.25)
+    for split in ("train", "val"):
+        got = list(pu.read_activations(cache.dir, split))
+        assert len(got) == len(splits[split])
+        for (ids, labels, hidden), s in zip(got, splits[split]):
+            assert ids.tolist() == s.ids and labels.tolist() == s.labels
+            assert hidden.shape == (len(s.ids), 64) and hidden.dtype == np.float32
+    with pytest.raises(pu.PelatunError, match="no split 'test'"):
+        next(pu.read_activations(cache.dir, "test"))

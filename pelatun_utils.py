@@ -14,6 +14,7 @@ Sections, in pipeline order:
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import hashlib
 import importlib
@@ -361,14 +362,18 @@ class Weights:
         """True when the lm_head is the embedding matrix (no lm_head tensor stored)."""
         return WEIGHT_NAMES["lm_head"] not in self.map
 
-    def load_block(self, i: int, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-        """Decoder layer i, built on the meta device and filled from the shards: no other block is touched."""
-        DecoderLayer, _, _ = layer_classes(self.config)
+    def block_state(self, i: int) -> dict[str, torch.Tensor]:
+        """The raw tensors of block i, named as in the decoder layer ('self_attn.q_proj.weight', ...)."""
         prefix = WEIGHT_NAMES["block"].format(i)
+        return {k[len(prefix):]: v for k, v in self.read(self.names(prefix)).items()}
+
+    def load_block(self, i: int, device: torch.device, dtype: torch.dtype, state: dict | None = None) -> torch.nn.Module:
+        """Decoder layer i, built on the meta device and filled from the shards (or a state read ahead)."""
+        DecoderLayer, _, _ = layer_classes(self.config)
         with torch.device("meta"):
             block = DecoderLayer(self.config, layer_idx=i)
-        state = {k[len(prefix):]: v for k, v in self.read(self.names(prefix)).items()}
-        check_shapes(block, state, prefix)
+        state = self.block_state(i) if state is None else state
+        check_shapes(block, state, WEIGHT_NAMES["block"].format(i))
         block.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, strict=True, assign=True)
         LIVE_BLOCKS.add(block)
         return block.eval()
@@ -584,7 +589,10 @@ def split_samples(samples: list[Sample], val_fraction: float, seed: int) -> dict
 #   <split>/labels.bin      int32  [n_tokens]            HF-aligned labels (-100 = no loss)
 #   <split>/offsets.npy     int64  [n_samples + 1]       sample i is tokens[offsets[i]:offsets[i+1]]
 #   <split>/hidden.bin      dtype  [n_tokens, hidden]    hidden states, overwritten in place layer by layer
-# A part is a contiguous range of samples; its "layer" is how many blocks its hidden states have passed.
+# A part is a contiguous range of samples. Its "layer" is how many blocks its hidden states have passed
+# (-1: not embedded) and its "digest" the sha256 of its hidden-state bytes at that layer. A part is
+# written first and recorded in the manifest after (write, fsync, rename), so a crash leaves at worst a
+# part whose bytes do not match its digest: verify_cache finds it and it is recomputed from its token ids.
 
 MANIFEST_FORMAT = 1
 NP_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
@@ -610,11 +618,19 @@ def identity_differences(old: dict, new: dict) -> list[str]:
     return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
+def digest(hidden: np.ndarray) -> str:
+    """sha256 of a part's hidden-state bytes."""
+    return hashlib.sha256(np.ascontiguousarray(hidden).data).hexdigest()
+
+
 @dataclass
 class Cache:
-    """An activations directory: its manifest and the memmaps of each split."""
+    """An activations directory: its manifest, the memmaps of each split, and (optionally) a copy in RAM."""
     dir: Path
     manifest: dict
+    ram: dict | None = None          # (split, part start) -> hidden tensor, when the plan keeps them in RAM
+    bytes_read: int = 0              # hidden-state bytes read from / written to disk, counted as they move
+    bytes_written: int = 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -638,14 +654,70 @@ class Cache:
                              shape=(n, self.hidden_size))
         return np.memmap(self.dir / split / f"{name}.bin", dtype=np.int32, mode=mode, shape=(n,))
 
-    def layer(self, split: str | None = None) -> int:
-        """The lowest layer any part (of a split, or of all) has reached; -1 = not embedded yet."""
-        splits = [split] if split else list(self.manifest["splits"])
-        return min(p["layer"] for s in splits for p in self.manifest["splits"][s]["parts"])
+    def parts(self) -> list[tuple[str, dict]]:
+        """(split, part) for every part, in storage order."""
+        return [(s, p) for s, info in self.manifest["splits"].items() for p in info["parts"]]
+
+    def layer(self) -> int:
+        """The lowest layer any part has reached; -1 = some part is not embedded yet."""
+        return min(p["layer"] for _, p in self.parts())
 
     def nbytes(self) -> int:
         """Bytes of hidden states on disk."""
         return sum(s["n_tokens"] for s in self.manifest["splits"].values()) * self.hidden_size * self.dtype.itemsize
+
+    def token_ids(self, split: str, part: dict) -> torch.Tensor:
+        """The part's token ids [n_tokens] (int64)."""
+        a, b = part["tokens"]
+        return torch.from_numpy(np.array(self.array(split, "tokens")[a:b], dtype=np.int64))
+
+    def load_hidden(self, split: str, part: dict) -> torch.Tensor:
+        """The part's hidden states [n_tokens, hidden] in the storage dtype (from RAM when kept there)."""
+        key = (split, part["tokens"][0])
+        if self.ram is not None and key in self.ram:
+            return self.ram[key]
+        a, b = part["tokens"]
+        hidden = to_torch(self.array(split, "hidden")[a:b], self.dtype)
+        self.bytes_read += hidden.numel() * hidden.element_size()
+        return hidden
+
+    def store_hidden(self, split: str, part: dict, hidden: torch.Tensor, layer: int) -> None:
+        """Overwrite the part's hidden states in place, flush, then record its layer and digest in the manifest."""
+        a, b = part["tokens"]
+        rows = to_numpy(hidden, self.dtype)
+        mm = self.array(split, "hidden", mode="r+")
+        try:
+            mm[a:b] = rows
+            mm.flush()
+        except OSError as e:
+            raise disk_error(e, self.dir) from e
+        finally:
+            del mm
+        self.bytes_written += rows.nbytes
+        if self.ram is not None:
+            self.ram[(split, a)] = hidden
+        part["layer"], part["digest"] = layer, digest(rows)
+        try:
+            self.save()
+        except OSError as e:
+            raise disk_error(e, self.dir) from e
+
+    def digest(self) -> str:
+        """One sha256 over the token ids, labels and every part's digest: the identity of the cache's contents."""
+        h = hashlib.sha256()
+        for split, info in self.manifest["splits"].items():
+            h.update(f"{split}:{info['tokens_sha256']}:{info['labels_sha256']}".encode())
+            for p in info["parts"]:
+                h.update(f"{p['layer']}:{p['digest']}".encode())
+        return h.hexdigest()
+
+
+def disk_error(e: OSError, where: Path) -> Exception:
+    """A clean error for a full disk (the cache stays resumable); other OS errors pass through."""
+    if e.errno == errno.ENOSPC:
+        return PelatunError(f"The disk holding {where} is full. Nothing written so far is lost: free some space "
+                            f"(or move ACTIVATIONS_DIR) and rerun; the pass resumes where it stopped.")
+    return e
 
 
 def open_cache(activations_dir: str | Path, identity: dict, target_layer: int) -> Cache | None:
@@ -661,13 +733,35 @@ def open_cache(activations_dir: str | Path, identity: dict, target_layer: int) -
             f"{d} holds activations made with a different {', '.join(diff)}. They cannot be reused. "
             f"Point ACTIVATIONS_DIR at a new folder, or delete {d} to start fresh.")
     cache = Cache(d, manifest)
-    reached = max(p["layer"] for s in manifest["splits"].values() for p in s["parts"])
+    reached = max(p["layer"] for _, p in cache.parts())
     if reached > target_layer:
         raise PelatunError(
             f"{d} holds hidden states after layer {reached}, past the input of the first trained block "
             f"({target_layer}, from TRAIN_LAYERS). Hidden states cannot be run backwards: raise TRAIN_LAYERS back, "
             f"use another ACTIVATIONS_DIR, or delete {d}.")
     return cache
+
+
+def verify_cache(cache: Cache) -> list[tuple[str, dict]]:
+    """Check every file against the manifest; parts torn by a crash are reset to be recomputed. Returns them."""
+    for split, info in cache.manifest["splits"].items():
+        for name in ("tokens", "labels"):
+            if sha256_file(cache.dir / split / f"{name}.bin") != info[f"{name}_sha256"]:
+                raise PelatunError(f"{cache.dir / split / name}.bin does not match its checksum: the cache was changed "
+                                   f"behind PeLaTun's back. Delete {cache.dir} to start fresh.")
+    torn = []
+    for split, part in tqdm(cache.parts(), desc="verify cache", leave=False):
+        if part["layer"] < 0:
+            continue
+        a, b = part["tokens"]
+        if digest(cache.array(split, "hidden")[a:b]) != part["digest"]:
+            part["layer"], part["digest"] = -1, None  # recomputed from its token ids by embed + peristalsis
+            torn.append((split, part))
+    if torn:
+        cache.save()
+        print(f"{len(torn)} part(s) did not match their checksums (an interrupted write, or a changed file); "
+              f"they will be recomputed from their token ids.")
+    return torn
 
 
 def create_cache(activations_dir: str | Path, identity: dict, splits: dict[str, list[Sample]],
@@ -683,13 +777,18 @@ def create_cache(activations_dir: str | Path, identity: dict, splits: dict[str, 
         (d / name).mkdir(exist_ok=True)
         lengths = np.array([len(s.ids) for s in samples], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        np.array([t for s in samples for t in s.ids], dtype=np.int32).tofile(d / name / "tokens.bin")
-        np.array([t for s in samples for t in s.labels], dtype=np.int32).tofile(d / name / "labels.bin")
-        np.save(d / name / "offsets.npy", offsets)
-        with open(d / name / "hidden.bin", "wb") as f:  # sparse file of the final size
-            f.truncate(int(offsets[-1]) * hidden_size * dtype.itemsize)
-        manifest["splits"][name] = {"n_samples": len(samples), "n_tokens": int(offsets[-1]),
-                                    "parts": make_parts(offsets, part_tokens)}
+        try:
+            np.array([t for s in samples for t in s.ids], dtype=np.int32).tofile(d / name / "tokens.bin")
+            np.array([t for s in samples for t in s.labels], dtype=np.int32).tofile(d / name / "labels.bin")
+            np.save(d / name / "offsets.npy", offsets)
+            with open(d / name / "hidden.bin", "wb") as f:  # sparse file of the final size
+                f.truncate(int(offsets[-1]) * hidden_size * dtype.itemsize)
+        except OSError as e:
+            raise disk_error(e, d) from e
+        manifest["splits"][name] = {
+            "n_samples": len(samples), "n_tokens": int(offsets[-1]),
+            "tokens_sha256": sha256_file(d / name / "tokens.bin"), "labels_sha256": sha256_file(d / name / "labels.bin"),
+            "parts": make_parts(offsets, part_tokens)}
     cache = Cache(d, manifest)
     cache.save()
     return cache
@@ -735,6 +834,13 @@ def read_activations(activations_dir: str | Path, split: str = "train") -> Itera
 
 # ----------------------------------------------------------------------------------------------
 # 6. Peristalsis
+#
+# The pass runs groups of consecutive blocks ("blocks per pass", as many as the memory budget holds):
+# for each group, every part of the cache is read, run through the group's blocks batch by batch, and
+# written back in place. A reader thread reads the next parts and a writer thread writes the previous
+# ones while a part computes (bounded queues: memory does not grow with the dataset), and the next
+# group's weights are read while the current group runs. Hidden states are rounded to the storage dtype
+# after every block, so the numbers do not depend on how blocks are grouped or where a run resumed.
 
 
 def make_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -761,7 +867,7 @@ def pad_batch(rows: list[torch.Tensor], pad_value=0) -> tuple[torch.Tensor, torc
 
 
 class BlockRunner:
-    """Runs a decoder layer on padded batches exactly as transformers' own model forward does."""
+    """Runs decoder layers on padded batches exactly as transformers' own model forward does."""
 
     def __init__(self, config, device: torch.device, dtype: torch.dtype):
         _, _, Rotary = layer_classes(config)
@@ -786,167 +892,355 @@ class BlockRunner:
         return "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
 
     @torch.no_grad()
-    def run(self, blocks: list[tuple[int, torch.nn.Module]], x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """x [B, T, hidden] through the given (index, block) pairs."""
+    def run(self, blocks: list[tuple[int, torch.nn.Module]], x: torch.Tensor, attention_mask: torch.Tensor | None,
+            round_to: torch.dtype | None = None) -> torch.Tensor:
+        """x [B, T, hidden] through the (index, block) pairs, rounding to `round_to` after each block."""
         position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
         masks = self.masks(x, attention_mask, position_ids)
         pos = self.rotary(x, position_ids)
         for i, block in blocks:
             x = block(x, attention_mask=masks[self.layer_type(i)], position_ids=position_ids,
                       position_embeddings=pos)
+            if round_to is not None and round_to != x.dtype:
+                x = check_finite(x.to(round_to), i).to(self.dtype)
         return x
+
+
+def check_finite(x: torch.Tensor, layer: int) -> torch.Tensor:
+    """Refuse hidden states that overflow the storage dtype or are NaN, with advice; returns x."""
+    if not torch.isfinite(x).all():
+        raise PelatunError(
+            f"Hidden states after layer {layer} are inf/NaN in {dtype_name(x.dtype)}. Use a wider dtype: "
+            f"bfloat16 or float32 weights (a float16 model overflowing: convert it to bfloat16), or DTYPE='float32'.")
+    return x
 
 
 @dataclass
 class PassStats:
-    """What the pass did: blocks run, bytes moved, seconds, peak live blocks."""
+    """What a pass did: blocks and groups run, bytes moved, seconds, seconds waiting on I/O, live blocks."""
     blocks_run: int = 0
+    groups: list = field(default_factory=list)
     hidden_bytes_read: int = 0
     hidden_bytes_written: int = 0
     weight_bytes_read: int = 0
     max_live_blocks: int = 0
     seconds: float = 0.0
+    io_wait_seconds: float = 0.0
 
 
-def parts_todo(cache: Cache, layer: int) -> list[tuple[str, int, dict]]:
-    """(split, part index, part) for each part still below `layer`."""
-    return [(s, k, p) for s, info in cache.manifest["splits"].items()
-            for k, p in enumerate(info["parts"]) if p["layer"] < layer]
+class PartIO:
+    """Reads parts ahead and writes them behind in two background threads, each with a bounded queue."""
+
+    def __init__(self, cache: Cache, ahead: int = 2, behind: int = 2, pin: bool = False):
+        from concurrent.futures import ThreadPoolExecutor
+        self.cache, self.ahead, self.behind, self.pin = cache, ahead, behind, pin
+        self.reader, self.writer = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+        self.pending: list = []
+        self.wait = 0.0  # seconds the compute thread spent blocked on reads or writes
+
+    def load(self, split: str, part: dict) -> torch.Tensor:
+        hidden = self.cache.load_hidden(split, part)
+        return hidden.pin_memory() if self.pin else hidden
+
+    def reads(self, items: list[tuple[str, dict]]) -> Iterator[tuple[str, dict, torch.Tensor]]:
+        """Yield (split, part, hidden) in order, reading up to `ahead` parts in advance."""
+        futures = [self.reader.submit(self.load, s, p) for s, p in items[:self.ahead]]
+        for k, (split, part) in enumerate(items):
+            if k + self.ahead < len(items):
+                futures.append(self.reader.submit(self.load, *items[k + self.ahead]))
+            t0 = time.perf_counter()
+            hidden = futures[k].result()
+            futures[k] = None
+            self.wait += time.perf_counter() - t0
+            yield split, part, hidden
+
+    def write(self, split: str, part: dict, hidden: torch.Tensor, layer: int) -> None:
+        """Queue a write; blocks only while `behind` writes are already pending."""
+        t0 = time.perf_counter()
+        while len(self.pending) >= self.behind:
+            self.pending.pop(0).result()
+        self.wait += time.perf_counter() - t0
+        self.pending.append(self.writer.submit(self.cache.store_hidden, split, part, hidden, layer))
+
+    def close(self) -> None:
+        """Wait for every pending write (raising its error, if any) and stop the threads."""
+        t0 = time.perf_counter()
+        try:
+            for f in self.pending:
+                f.result()
+        finally:
+            self.wait += time.perf_counter() - t0
+            self.reader.shutdown(wait=True, cancel_futures=True)
+            self.writer.shutdown(wait=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def embed(cache: Cache, weights: Weights, device: torch.device, dtype: torch.dtype) -> PassStats:
     """Layer -1 -> 0: look up the embeddings of every token (the matrix is read for this step only)."""
     stats = PassStats()
-    todo = parts_todo(cache, 0)
+    todo = [(s, p) for s, p in cache.parts() if p["layer"] < 0]
     if not todo:
         print("Embeddings already cached, skipping.")
         return stats
-    E = weights.load_matrix("embed", device, dtype)  # [vocab, hidden]
-    for split, k, part in tqdm(todo, desc="embed"):
-        a, b = part["tokens"]
-        ids = torch.from_numpy(np.array(cache.array(split, "tokens")[a:b], dtype=np.int64)).to(device)
-        write_part(cache, split, part, E[ids])
-        stats.hidden_bytes_written += (b - a) * cache.hidden_size * cache.dtype.itemsize
-        part["layer"] = 0
-        cache.save()
+    written0 = cache.bytes_written
+    E = weights.load_matrix("embed", device, cache.dtype)  # [vocab, hidden]
+    with PartIO(cache) as io:
+        for split, part in tqdm(todo, desc="embed"):
+            io.write(split, part, check_finite(E[cache.token_ids(split, part).to(device)], -1).cpu(), 0)
     stats.weight_bytes_read = E.numel() * E.element_size()
+    stats.hidden_bytes_written = cache.bytes_written - written0
+    stats.io_wait_seconds = io.wait
     del E
     return stats
 
 
-def read_part(cache: Cache, split: str, part: dict) -> torch.Tensor:
-    """The part's hidden states [n_tokens, hidden] in the storage dtype."""
-    a, b = part["tokens"]
-    return to_torch(cache.array(split, "hidden")[a:b], cache.dtype)
-
-
-def write_part(cache: Cache, split: str, part: dict, hidden: torch.Tensor) -> None:
-    """Overwrite the part's hidden states in place and flush them to disk."""
-    a, b = part["tokens"]
-    check_finite(hidden, cache.dtype, split, part)
-    mm = cache.array(split, "hidden", mode="r+")
-    mm[a:b] = to_numpy(hidden, cache.dtype)
-    mm.flush()
-    del mm
-
-
-def check_finite(hidden: torch.Tensor, dtype: torch.dtype, split: str, part: dict) -> None:
-    """Refuse hidden states that overflow the storage dtype or are NaN, with advice."""
-    stored = hidden.to(dtype)
-    if not torch.isfinite(stored).all():
-        raise PelatunError(
-            f"Hidden states of {split} samples {part['samples']} after layer {part['layer'] + 1} are inf/NaN in "
-            f"{dtype_name(dtype)} (max |x| = {hidden.float().abs().max().item():.3g}). Store activations in bfloat16 "
-            f"or float32 (STORAGE_DTYPE), or compute in float32 (DTYPE).")
-
-
-def run_part(runner: BlockRunner, blocks: list[tuple[int, torch.nn.Module]], cache: Cache, split: str,
-             part: dict, batch_tokens: int) -> torch.Tensor:
-    """Run one part's samples through the blocks, batched by length; returns its new hidden states."""
-    off = cache.offsets(split)
-    s0, s1 = part["samples"]
-    base = part["tokens"][0]
-    hidden = read_part(cache, split, part)  # [n_tokens, hidden], storage dtype
-    spans = [(int(off[i] - base), int(off[i + 1] - base)) for i in range(s0, s1)]
+def run_part(runner: BlockRunner, blocks: list[tuple[int, torch.nn.Module]], hidden: torch.Tensor,
+             lengths: list[int], batch_tokens: int, storage: torch.dtype) -> torch.Tensor:
+    """A part's hidden states [n_tokens, hidden] through the blocks, batched by length; returns the new ones."""
+    starts = np.concatenate([[0], np.cumsum(lengths)]).tolist()
     out = torch.empty_like(hidden)
-    for batch in make_batches([b - a for a, b in spans], batch_tokens):
-        rows = [hidden[spans[i][0]:spans[i][1]].to(runner.device, runner.dtype) for i in batch]
+    for batch in make_batches(lengths, batch_tokens):
+        rows = [hidden[starts[i]:starts[i + 1]].to(runner.device, runner.dtype, non_blocking=True) for i in batch]
         x, mask = pad_batch(rows)  # [B, T, hidden]
-        y = runner.run(blocks, x, mask)
+        y = runner.run(blocks, x, mask, round_to=storage)
         for j, i in enumerate(batch):
-            a, b = spans[i]
-            out[a:b] = y[j, :b - a].to("cpu", cache.dtype)
+            out[starts[i]:starts[i + 1]] = y[j, :lengths[i]].to("cpu", storage)
     return out
 
 
+def load_group(weights: Weights, layers: range, device: torch.device, dtype: torch.dtype, states=None) -> dict:
+    """{i: decoder layer i} for the layers of a group, from states read ahead when given."""
+    return {i: weights.load_block(i, device, dtype, state=None if states is None else states[i]) for i in layers}
+
+
+def read_group(weights: Weights, layers: range) -> dict:
+    """Raw tensors of a group's blocks (read ahead in a thread while the previous group runs)."""
+    return {i: weights.block_state(i) for i in layers}
+
+
 def peristalsis(cache: Cache, weights: Weights, target_layer: int, device: torch.device, dtype: torch.dtype,
-                batch_tokens: int) -> PassStats:
-    """Advance every part to target_layer, one block in memory at a time, overwriting hidden states in place."""
+                batch_tokens: int, blocks_per_pass: int = 1, keep_in_ram: bool = False) -> PassStats:
+    """Advance every part to target_layer, `blocks_per_pass` blocks per pass over the data, in place."""
+    from concurrent.futures import ThreadPoolExecutor
     stats = PassStats()
-    runner = BlockRunner(weights.config, device, dtype)
-    start = cache.layer()
-    if start >= target_layer:
+    if cache.layer() >= target_layer:
         print(f"Hidden states already at layer {target_layer}, skipping.")
         return stats
-    t0 = time.perf_counter()
-    read0 = weights.bytes_read
-    for i in tqdm(range(start, target_layer), desc="layers"):
-        block = weights.load_block(i, device, dtype)
-        gc.collect()
-        stats.max_live_blocks = max(stats.max_live_blocks, len(LIVE_BLOCKS))
-        assert len(LIVE_BLOCKS) <= 1, f"{len(LIVE_BLOCKS)} blocks in memory, expected 1"
-        for split, k, part in tqdm(parts_todo(cache, i + 1), desc=f"block {i}", leave=False):
-            if part["layer"] != i:
-                continue
-            new = run_part(runner, [(i, block)], cache, split, part, batch_tokens)
-            write_part(cache, split, part, new)
-            n = part["tokens"][1] - part["tokens"][0]
-            stats.hidden_bytes_read += n * cache.hidden_size * cache.dtype.itemsize
-            stats.hidden_bytes_written += n * cache.hidden_size * cache.dtype.itemsize
-            part["layer"] = i + 1
-            cache.save()
-        stats.blocks_run += 1
-        del block
-        gc.collect()
-    stats.weight_bytes_read = weights.bytes_read - read0
+    if cache.layer() < 0:
+        raise PelatunError("Some parts of the cache are not embedded yet: run embed() first.")
+    runner = BlockRunner(weights.config, device, dtype)
+    if keep_in_ram and cache.ram is None:
+        cache.ram = {}
+    t0, read0, written0, weights0 = time.perf_counter(), cache.bytes_read, cache.bytes_written, weights.bytes_read
+    prefetch, ahead = ThreadPoolExecutor(1), None
+    bar = tqdm(total=target_layer - cache.layer(), desc="layers")
+    try:
+        while (start := cache.layer()) < target_layer:
+            end = min(start + blocks_per_pass, target_layer)
+            states = ahead.result() if ahead is not None and ahead.layers == range(start, end) else None
+            blocks = load_group(weights, range(start, end), device, dtype, states)
+            del states
+            nxt = range(end, min(end + blocks_per_pass, target_layer))
+            ahead = prefetch.submit(read_group, weights, nxt) if len(nxt) else None
+            if ahead is not None:
+                ahead.layers = nxt
+            gc.collect()
+            stats.max_live_blocks = max(stats.max_live_blocks, len(LIVE_BLOCKS))
+            assert len(LIVE_BLOCKS) <= end - start, f"{len(LIVE_BLOCKS)} blocks in memory, expected {end - start}"
+            todo = [(s, p) for s, p in cache.parts() if p["layer"] < end]
+            with PartIO(cache, pin=device.type == "cuda") as io:
+                for split, part, hidden in tqdm(io.reads(todo), total=len(todo), desc=f"blocks {start}-{end - 1}",
+                                                leave=False):
+                    off = cache.offsets(split)[part["samples"][0]:part["samples"][1] + 1]
+                    group = [(i, blocks[i]) for i in range(part["layer"], end)]
+                    io.write(split, part, run_part(runner, group, hidden, np.diff(off).tolist(), batch_tokens,
+                                                   cache.dtype), end)
+            stats.io_wait_seconds += io.wait
+            stats.blocks_run += end - start
+            stats.groups.append([start, end])
+            bar.update(end - start)
+            del blocks, group  # free the group before the next one loads
+            gc.collect()
+    finally:
+        bar.close()
+        prefetch.shutdown(wait=True, cancel_futures=True)
+    stats.hidden_bytes_read = cache.bytes_read - read0
+    stats.hidden_bytes_written = cache.bytes_written - written0
+    stats.weight_bytes_read = weights.bytes_read - weights0
     stats.seconds = time.perf_counter() - t0
     return stats
 
 
-def plan_pass(cache: Cache, config, target_layer: int, weight_dtype: torch.dtype, dtype: torch.dtype,
-              part_tokens: int, batch_tokens: int) -> dict:
-    """Numbers to show before the pass: cache size, disk traffic, memory of one block and the buffers."""
-    h = config.hidden_size
-    block_params = block_parameter_count(config)
-    tokens = sum(s["n_tokens"] for s in cache.manifest["splits"].values())
-    blocks = target_layer - max(cache.layer(), 0)
-    free = shutil.disk_usage(cache.dir).free
-    plan = {
-        "tokens": tokens,
-        "cache_bytes": cache.nbytes(),
-        "free_disk_bytes": free,
-        "blocks_to_run": blocks,
-        "block_bytes": block_params * dtype.itemsize,
-        "hidden_bytes_moved": 2 * blocks * cache.nbytes(),
-        "part_buffer_bytes": 2 * part_tokens * h * cache.dtype.itemsize,
-        "batch_activation_bytes": batch_tokens * (4 * h + 2 * config.intermediate_size) * dtype.itemsize,
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes the pass may use: 90% of free GPU memory, or 80% of available RAM."""
+    if device.type == "cuda":
+        return int(0.9 * torch.cuda.mem_get_info(device)[0])
+    return int(0.8 * available_ram())
+
+
+def available_ram() -> int:
+    """MemAvailable from /proc/meminfo (free pages otherwise)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def current_memory(device: torch.device) -> int:
+    """Memory in use now: CUDA allocated, or this process's RSS."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def pass_memory(config, g: int, more_groups: bool, device: torch.device, dtype: torch.dtype, weight_dtype: torch.dtype,
+                batch_tokens: int, part_bytes: int, ram_bytes: int, baseline: int) -> dict:
+    """Predicted peak of a pass running g blocks per group: named parts in bytes, and their total."""
+    block = block_parameter_count(config)
+    h, inter = config.hidden_size, config.intermediate_size
+    on_device = {
+        "baseline": baseline,
+        "blocks": g * block * dtype.itemsize,
+        "batch activations": batch_tokens * (8 * h + 3 * inter) * dtype.itemsize,
     }
+    host = {
+        "weights read ahead": (g * block * weight_dtype.itemsize) if more_groups else 0,
+        "block being converted": block * weight_dtype.itemsize,
+        "part buffers": 6 * part_bytes,
+        "hidden states in RAM": ram_bytes,
+    }
+    parts = {**on_device, **host} if device.type != "cuda" else on_device
+    return {"parts": parts, "total": sum(parts.values()),
+            "host_total": sum(host.values()) if device.type == "cuda" else sum(parts.values())}
+
+
+def plan_pass(cache: Cache, config, target_layer: int, device: torch.device, dtype: torch.dtype,
+              weight_dtype: torch.dtype, *, batch_tokens: int, part_tokens: int, memory_budget: int = 0,
+              blocks_per_pass: int = 0) -> dict:
+    """Blocks per pass, RAM or disk, peak memory, disk traffic: the largest group that fits the budget."""
+    budget = memory_budget or default_memory_budget(device)
+    start = max(cache.layer(), 0)
+    blocks = target_layer - start
+    h = config.hidden_size
+    part_bytes = min(part_tokens + 4096, max(s["n_tokens"] for s in cache.manifest["splits"].values())) * h * cache.dtype.itemsize
+    baseline = current_memory(device)
+    host_ram = int(0.8 * available_ram()) if device.type == "cuda" else budget
+
+    def fits(g: int, ram: bool) -> dict | None:
+        m = pass_memory(config, g, g < blocks, device, dtype, weight_dtype, batch_tokens, part_bytes,
+                        cache.nbytes() if ram else 0, baseline)
+        return m if m["total"] <= budget and m["host_total"] <= host_ram else None
+
+    choices = [blocks_per_pass] if blocks_per_pass else range(max(blocks, 1), 0, -1)
+    g = next((g for g in choices if fits(g, False)), None)
+    if g is None:
+        m = pass_memory(config, 1, blocks > 1, device, dtype, weight_dtype, batch_tokens, part_bytes, 0, baseline)
+        detail = ", ".join(f"{k} {human_bytes(v)}" for k, v in m["parts"].items() if v)
+        raise PelatunError(
+            f"The pass needs {human_bytes(m['total'])} with {blocks_per_pass or 1} block(s) per pass ({detail}) but "
+            f"MEMORY_BUDGET is {human_bytes(budget)}. Lower PASS_BATCH_TOKENS or PART_TOKENS, set BLOCKS_PER_PASS = 1, "
+            f"or raise MEMORY_BUDGET if the machine has more.")
+    ram = fits(g, True) is not None
+    memory = fits(g, ram)
+    groups = math.ceil(blocks / g) if blocks > 0 else 0
+    nbytes = cache.nbytes()
+    return {
+        "memory_budget": budget,
+        "blocks_to_run": blocks,
+        "blocks_per_pass": g,
+        "passes": groups,
+        "keep_in_ram": ram,
+        "batch_tokens": batch_tokens,
+        "part_tokens": part_tokens,
+        "peak_memory_pass": memory["total"],
+        "peak_memory_parts": memory["parts"],
+        "peak_memory_embed": baseline + config.vocab_size * h * cache.dtype.itemsize + 6 * part_bytes,
+        "cache_bytes": nbytes,
+        "free_disk_bytes": shutil.disk_usage(cache.dir).free,
+        # embed writes the cache once; each pass reads it (from disk unless kept in RAM) and writes it back
+        "hidden_bytes_written": (nbytes if cache.layer() < 0 else 0) + groups * nbytes,
+        "hidden_bytes_read": 0 if ram else groups * nbytes,
+        "hidden_bytes_per_token_per_pass": 2 * h * cache.dtype.itemsize * (1 if ram else 2),
+    }
+
+
+def calibrate(plan: dict, weights: Weights, cache: Cache, device: torch.device, dtype: torch.dtype) -> dict:
+    """Estimate the pass's seconds from one timed batch through one block and a timed disk write."""
+    runner = BlockRunner(weights.config, device, dtype)
+    block = weights.load_block(max(cache.layer(), 0), device, dtype)
+    T = min(max(int(np.diff(cache.offsets(s)).max()) for s in cache.manifest["splits"]), plan["batch_tokens"])
+    B = max(1, plan["batch_tokens"] // T)
+    x = torch.randn(B, T, weights.config.hidden_size, device=device, dtype=dtype)
+    runner.run([(0, block)], x, None)  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    runner.run([(0, block)], x, None, round_to=cache.dtype)
+    sync(device)
+    per_token_block = (time.perf_counter() - t0) / (B * T)
+    del block, x
+    gc.collect()
+    tokens = sum(s["n_tokens"] for s in cache.manifest["splits"].values())
+    disk = disk_write_speed(cache.dir)
+    compute = per_token_block * tokens * plan["blocks_to_run"]
+    io = (plan["hidden_bytes_written"] + plan["hidden_bytes_read"]) / disk
+    plan.update(seconds_per_token_block=per_token_block, disk_bytes_per_second=disk,
+                estimated_compute_seconds=compute, estimated_io_seconds=io,
+                estimated_seconds=max(compute, io))  # reads and writes overlap the compute
     return plan
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the GPU (timings)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def disk_write_speed(folder: Path, nbytes: int = 64 << 20) -> float:
+    """Bytes/s of a flushed write into folder (what writing hidden states will see)."""
+    path = Path(folder) / "disk_speed.tmp"
+    data = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+    t0 = time.perf_counter()
+    try:
+        with open(path, "wb") as f:
+            f.write(data.data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise disk_error(e, Path(folder)) from e
+    finally:
+        path.unlink(missing_ok=True)
+    return nbytes / max(time.perf_counter() - t0, 1e-6)
+
+
 def print_plan(plan: dict) -> None:
-    """Print the pass plan as a small table."""
-    rows = [("tokens (all splits)", f"{plan['tokens']:,}"),
-            ("hidden-state cache on disk", human_bytes(plan["cache_bytes"])),
-            ("free disk", human_bytes(plan["free_disk_bytes"])),
+    """Print the pass plan as a table, and refuse one that does not fit the disk."""
+    rows = [("memory budget", human_bytes(plan["memory_budget"])),
             ("blocks to run", str(plan["blocks_to_run"])),
-            ("one block in memory", human_bytes(plan["block_bytes"])),
-            ("hidden states read + written", human_bytes(plan["hidden_bytes_moved"])),
-            ("part buffers", human_bytes(plan["part_buffer_bytes"])),
-            ("batch activations (approx.)", human_bytes(plan["batch_activation_bytes"]))]
+            ("blocks per pass", f"{plan['blocks_per_pass']} ({plan['passes']} pass(es) over the data)"),
+            ("hidden states kept in RAM", "yes (disk copy = checkpoint)" if plan["keep_in_ram"] else "no"),
+            ("batch size", f"{plan['batch_tokens']:,} tokens"),
+            ("peak memory: embed", human_bytes(plan["peak_memory_embed"])),
+            ("peak memory: pass", human_bytes(plan["peak_memory_pass"])),
+            ("cache on disk", human_bytes(plan["cache_bytes"])),
+            ("free disk", human_bytes(plan["free_disk_bytes"])),
+            ("hidden states read", human_bytes(plan["hidden_bytes_read"])),
+            ("hidden states written", human_bytes(plan["hidden_bytes_written"]))]
+    if "estimated_seconds" in plan:
+        rows += [("estimated time", f"{plan['estimated_seconds']:.0f} s (compute {plan['estimated_compute_seconds']:.0f} s, "
+                                    f"disk {plan['estimated_io_seconds']:.0f} s, overlapped)")]
     w = max(len(r[0]) for r in rows)
     for k, v in rows:
-        print(f"  {k:<{w}}  {v:>12}")
+        print(f"  {k:<{w}}  {v}")
     if plan["cache_bytes"] > plan["free_disk_bytes"]:
         raise PelatunError(f"The cache needs {human_bytes(plan['cache_bytes'])} but only "
                            f"{human_bytes(plan['free_disk_bytes'])} is free. Free disk space, use less DATA or a "
@@ -964,13 +1258,26 @@ def block_parameter_count(config) -> int:
 # 7. Training: the top block(s) + norm + lm_head on cached hidden states
 
 
-class TopModel(torch.nn.Module):
-    """The last TRAIN_LAYERS decoder layers, the final norm and an (untied) lm_head."""
+MASTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-    def __init__(self, weights: Weights, first_layer: int, device: torch.device, dtype: torch.dtype = torch.float32):
+
+class TopModel(torch.nn.Module):
+    """The last TRAIN_LAYERS decoder layers, the final norm and an (untied) lm_head.
+
+    master_dtype: dtype of the trained weights, their gradients and AdamW's state. float32 (default), or bfloat16
+    for a lean run where fp32 weights do not fit: half the memory, but an update smaller than about 1/256 of a
+    weight is rounded away, so training is coarser. checkpoint: with more than one trained block, keep only each
+    block's input in the forward pass and recompute the block in backward (about a third more compute, and the
+    activations of one block instead of all); with one block there is nothing to gain and it is ignored.
+    """
+
+    def __init__(self, weights: Weights, first_layer: int, device: torch.device,
+                 master_dtype: torch.dtype | str = torch.float32, *, checkpoint: bool = False):
         super().__init__()
+        dtype = pick_master_dtype(master_dtype)
         config = weights.config
         self.first_layer = first_layer
+        self.checkpoint = checkpoint
         self.layers = torch.nn.ModuleList(weights.load_block(i, device, dtype)
                                           for i in range(first_layer, config.num_hidden_layers))
         self.norm = weights.load_norm(device, dtype)
@@ -984,16 +1291,27 @@ class TopModel(torch.nn.Module):
     def hidden(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, hidden] (input of the first trained layer) -> normed hidden [B, T, hidden]."""
         position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
-        masks = self.runner.masks(x, attention_mask, position_ids)
+        masks = self.runner.masks(x, attention_mask, position_ids)  # None (is_causal SDPA) without padding
         pos = self.runner.rotary(x, position_ids)
+        recompute = self.checkpoint and len(self.layers) > 1 and self.training and torch.is_grad_enabled()
         for j, layer in enumerate(self.layers):
-            x = layer(x, attention_mask=masks[self.runner.layer_type(self.first_layer + j)],
+            kw = dict(attention_mask=masks[self.runner.layer_type(self.first_layer + j)],
                       position_ids=position_ids, position_embeddings=pos)
+            if recompute:  # keeps x [B, T, hidden] only; the block runs again in backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False, **kw)
+            else:
+                x = layer(x, **kw)
         return self.norm(x)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, hidden] -> logits [B, T, vocab]."""
         return self.lm_head(self.hidden(x, attention_mask))
+
+    def loss(self, x: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 0) -> tuple[torch.Tensor, int]:
+        """(sum of token losses, target tokens) of x [B, T, hidden]; chunk_tokens > 0: no full logits (chunked_lm_loss)."""
+        if chunk_tokens > 0:
+            return chunked_lm_loss(self.hidden(x), self.lm_head.weight, labels, chunk_tokens)
+        return causal_lm_loss(self(x), labels)
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         """Trained tensors under their names in the original checkpoint."""
@@ -1014,6 +1332,44 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return loss, int((shift_labels != -100).sum())
 
 
+def pick_master_dtype(master_dtype: torch.dtype | str) -> torch.dtype:
+    """'float32' / 'bfloat16' (or the torch dtype) -> the dtype of the trained weights."""
+    dtype = MASTER_DTYPES.get(master_dtype, master_dtype) if isinstance(master_dtype, str) else master_dtype
+    if dtype not in MASTER_DTYPES.values():
+        raise PelatunError(f"MASTER_DTYPE={master_dtype!r} is not one of {', '.join(map(repr, MASTER_DTYPES))}; "
+                           f"float16 weights would lose most updates and overflow.")
+    return dtype
+
+
+def chunk_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of one chunk: h [n, hidden], weight [vocab, hidden], labels [n] (already shifted)."""
+    logits = torch.nn.functional.linear(h, weight).float()  # [n, vocab]: the only logits that ever exist
+    return torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+
+
+def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    chunk_tokens: int) -> tuple[torch.Tensor, int]:
+    """causal_lm_loss(hidden @ weight.T, labels), chunk_tokens tokens at a time, each chunk recomputed in backward.
+
+    hidden [B, T, hidden] is the final norm's output, weight [vocab, hidden] the lm_head, labels [B, T] unshifted.
+    Only one chunk's [chunk_tokens, vocab] float32 logits exist at a time, in forward and in backward.
+    """
+    if chunk_tokens < 1:
+        raise PelatunError(f"LOSS_CHUNK_TOKENS={chunk_tokens} must be at least 1 (or 0 for the plain loss).")
+    h = hidden[..., :-1, :].reshape(-1, hidden.shape[-1])  # [N, hidden], N = B * (T - 1)
+    y = labels[..., 1:].reshape(-1)  # [N]
+    targets = y != -100
+    starts = list(range(0, y.shape[0], chunk_tokens))
+    pad = len(starts) * chunk_tokens - y.shape[0]
+    live = torch.nn.functional.pad(targets, (0, pad)).view(-1, chunk_tokens).any(1).tolist()
+    starts = [a for a, keep in zip(starts, live) if keep] or starts[:1]  # all-masked chunks add exactly 0
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    parts = [torch.utils.checkpoint.checkpoint(chunk_loss, h[a:a + chunk_tokens], weight, y[a:a + chunk_tokens],
+                                               use_reentrant=False) if grad
+             else chunk_loss(h[a:a + chunk_tokens], weight, y[a:a + chunk_tokens]) for a in starts]
+    return torch.stack(parts).sum(), int(targets.sum())
+
+
 def load_sample(cache: Cache, split: str, i: int, device: torch.device, dtype: torch.dtype):
     """(hidden [1, T, hidden] in dtype, labels [1, T] long) of sample i."""
     off = cache.offsets(split)
@@ -1030,17 +1386,25 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
+def input_dtype(model: TopModel, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """Dtype the cached hidden states enter the model in: float32 under autocast, else the weights' dtype."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return model.lm_head.weight.dtype
+
+
 @torch.no_grad()
-def evaluate(model: TopModel, cache: Cache, split: str, device: torch.device, dtype: torch.dtype) -> float:
-    """Mean next-token loss over the split's target tokens."""
+def evaluate(model: TopModel, cache: Cache, split: str, device: torch.device, dtype: torch.dtype,
+             chunk_tokens: int = 0) -> float:
+    """Mean next-token loss over the split's target tokens (logits chunk_tokens at a time when > 0)."""
     if split not in cache.manifest["splits"]:
         raise PelatunError(f"The cache has no {split!r} split to evaluate; set VAL_FRACTION > 0.")
     model.eval()
     total, count = 0.0, 0
     for i in range(cache.manifest["splits"][split]["n_samples"]):
-        x, labels = load_sample(cache, split, i, device, torch.float32)
+        x, labels = load_sample(cache, split, i, device, input_dtype(model, device, dtype))
         with autocast(device, dtype):
-            loss, n = causal_lm_loss(model(x), labels)
+            loss, n = model.loss(x, labels, chunk_tokens)
         total, count = total + loss.item(), count + n
     if count == 0:
         raise PelatunError(f"The {split} split has no target tokens (all labels masked).")
@@ -1073,43 +1437,169 @@ def make_steps(cache: Cache, epochs: int, batch_tokens: int, seed: int) -> list[
     return steps
 
 
-def train(model: TopModel, cache: Cache, *, epochs: int, lr: float, batch_tokens: int, weight_decay: float,
-          warmup_steps: int, seed: int, device: torch.device, dtype: torch.dtype, eval_every: int = 0) -> dict:
-    """AdamW (fp32 state) on the cached hidden states; returns the loss history."""
-    torch.manual_seed(seed)
+OPTIMIZERS = {  # OPTIMIZER -> what it keeps per trained weight, besides the weight itself
+    "adamw": "torch AdamW: a gradient and two state tensors in the master dtype (the default)",
+    "adamw8bit": "bitsandbytes AdamW8bit: a gradient and 2 bytes of state (CUDA only)",
+    "adafactor": "torch Adafactor: a gradient, and a row and a column vector per matrix as state",
+    "fused": "AdamW applied inside backward, one tensor at a time: two state tensors, no gradient buffers",
+}
+
+
+class FusedAdamW:
+    """AdamW (state in the master dtype) applied inside backward as soon as each weight's gradient is complete.
+
+    Each weight has its own small AdamW, stepped by a post-accumulate-grad hook that then frees the gradient, so
+    gradients never exist for all weights at once. With several micro-batches per step, the hooks step only on
+    the last one (set `apply`), so the gradient is accumulated first. Clipping by the global gradient norm is
+    impossible here (the norm is known only after the last gradient, when the others are already applied), so
+    clip_grad > 0 clips each weight's gradient by its own norm instead: a looser bound than AdamW's clipping.
+    """
+
+    def __init__(self, groups: list[dict], lr: float, scaler, clip_grad: float):
+        self.scaler, self.clip_grad, self.apply = scaler, clip_grad, False
+        self.opts = {p: torch.optim.AdamW([p], lr=lr, weight_decay=g["weight_decay"])
+                     for g in groups for p in g["params"]}
+        self.handles = [p.register_post_accumulate_grad_hook(self.step_one) for p in self.opts]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """Every weight's param group (to set the learning rate)."""
+        return [g for opt in self.opts.values() for g in opt.param_groups]
+
+    def step_one(self, p: torch.Tensor) -> None:
+        """Hook: unscale, clip and apply p's complete gradient, then free it."""
+        if not self.apply:
+            return
+        opt = self.opts[p]
+        self.scaler.unscale_(opt)  # a no-op unless fp16 loss scaling is on; skips the step on inf/NaN
+        if self.clip_grad:
+            torch.nn.utils.clip_grad_norm_([p], self.clip_grad)
+        self.scaler.step(opt)
+        p.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Free any gradient left (the hooks free them as they go)."""
+        for p in self.opts:
+            p.grad = None
+
+    def remove(self) -> None:
+        """Detach the hooks from the weights."""
+        for h in self.handles:
+            h.remove()
+
+
+def make_optimizer(model: TopModel, name: str, *, lr: float, weight_decay: float, device: torch.device,
+                   scaler=None, clip_grad: float = 0.0):
+    """OPTIMIZER name -> optimizer over the trainable weights (weight decay on matrices only)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "adamw8bit":
+        if device.type != "cuda":
+            raise PelatunError(f"OPTIMIZER='adamw8bit' runs only on a CUDA GPU (bitsandbytes' 8-bit kernels), and "
+                               f"this run is on {device.type}. Use 'adafactor' (almost no optimizer state) or "
+                               f"'fused' (no gradient buffers) instead, or 'adamw'.")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise PelatunError("OPTIMIZER='adamw8bit' needs the bitsandbytes package, which is not installed: "
+                               "`pip install bitsandbytes`, or use 'adafactor' or 'fused', which need nothing more.")
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(groups, lr=lr)
+    if name == "adafactor":
+        if not hasattr(torch.optim, "Adafactor"):
+            raise PelatunError(f"OPTIMIZER='adafactor' needs torch 2.5 or newer (this is {torch.__version__}); "
+                               f"upgrade torch or use 'fused'.")
+        return torch.optim.Adafactor(groups, lr=lr)
+    if name == "fused":
+        return FusedAdamW(groups, lr, scaler or torch.amp.GradScaler("cuda", enabled=False), clip_grad)
+    raise PelatunError(f"OPTIMIZER={name!r} is not one of {', '.join(map(repr, OPTIMIZERS))}.")
+
+
+def return_freed_memory() -> bool:
+    """On Linux/glibc, give every freed block of 64 KiB or more straight back to the OS; True if set.
+
+    glibc otherwise keeps freed tensor memory in its heap for reuse, and a CPU training step's peak RSS was
+    measured 40% above its live tensors (SmolLM2-sized lm_head, T=1024). With this the peak RSS follows the live
+    tensors, which predict_train_peak counts, at no measured cost in speed.
+    """
+    if not Path("/proc/self/status").exists():
+        return False
+    import ctypes
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16))  # M_MMAP_THRESHOLD = 64 KiB, fixed
+    except (OSError, AttributeError):
+        return False
+
+
+def with_last(items) -> Iterator[tuple[bool, object]]:
+    """(is_last, item) for each item, looking one ahead."""
+    it = iter(items)
+    cur = next(it, StopIteration)
+    while cur is not StopIteration:
+        nxt = next(it, StopIteration)
+        yield nxt is StopIteration, cur
+        cur = nxt
+
+
+def train_step(model: TopModel, opt, samples, n_targets: int, *, scaler, clip_grad: float, chunk_tokens: int,
+               device: torch.device, dtype: torch.dtype) -> float:
+    """One optimizer step over micro-batches (x [1, T, hidden], labels [1, T]); returns the summed token loss."""
+    fused = isinstance(opt, FusedAdamW)
+    total = 0.0
+    for last, (x, labels) in with_last(samples):
+        if fused:
+            opt.apply = last  # the hooks step only once the gradient holds every micro-batch
+        with autocast(device, dtype):
+            loss, _ = model.loss(x, labels, chunk_tokens)
+        scaler.scale(loss / max(n_targets, 1)).backward()
+        total += loss.item()
+    if not fused:
+        scaler.unscale_(opt)
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_grad)
+        scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return total
+
+
+def train(model: TopModel, cache: Cache, *, epochs: int, lr: float, batch_tokens: int, weight_decay: float,
+          warmup_steps: int, seed: int, device: torch.device, dtype: torch.dtype, eval_every: int = 0,
+          optimizer: str = "adamw", clip_grad: float = 1.0, chunk_tokens: int = 0) -> dict:
+    """Train with OPTIMIZER (see OPTIMIZERS) on the cached hidden states; returns the loss history.
+
+    clip_grad: clip the global gradient norm to this (0 = no clipping); 'fused' clips each weight by its own norm.
+    chunk_tokens: > 0 computes the lm_head and the loss that many tokens at a time (chunked_lm_loss).
+    """
+    torch.manual_seed(seed)
+    if device.type == "cpu":
+        return_freed_memory()
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
+    opt = make_optimizer(model, optimizer, lr=lr, weight_decay=weight_decay, device=device, scaler=scaler,
+                         clip_grad=clip_grad)
     steps = make_steps(cache, epochs, batch_tokens, seed)
     history = {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
     bar = tqdm(range(len(steps)), desc="train")
-    for step in bar:
-        model.train()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, len(steps), lr, warmup_steps)
-        n_targets = sum(int((np.array(cache.array("train", "labels")[a:b])[1:] != -100).sum())
-                        for a, b in (span(cache, "train", i) for i in steps[step]))
-        total = 0.0
-        for i in steps[step]:
-            x, labels = load_sample(cache, "train", i, device, torch.float32)
-            with autocast(device, dtype):
-                loss, _ = causal_lm_loss(model(x), labels)
-            scaler.scale(loss / max(n_targets, 1)).backward()
-            total += loss.item()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        history["step"].append(step)
-        history["train_loss"].append(total / max(n_targets, 1))
-        bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}")
-        if eval_every and ((step + 1) % eval_every == 0 or step == len(steps) - 1) and "val" in cache.manifest["splits"]:
-            history["val_step"].append(step)
-            history["val_loss"].append(evaluate(model, cache, "val", device, dtype))
+    try:
+        for step in bar:
+            model.train()
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, len(steps), lr, warmup_steps)
+            n_targets = sum(int((np.array(cache.array("train", "labels")[a:b])[1:] != -100).sum())
+                            for a, b in (span(cache, "train", i) for i in steps[step]))
+            samples = (load_sample(cache, "train", i, device, input_dtype(model, device, dtype)) for i in steps[step])
+            total = train_step(model, opt, samples, n_targets, scaler=scaler, clip_grad=clip_grad,
+                               chunk_tokens=chunk_tokens, device=device, dtype=dtype)
+            history["step"].append(step)
+            history["train_loss"].append(total / max(n_targets, 1))
+            bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}")
+            if eval_every and ((step + 1) % eval_every == 0 or step == len(steps) - 1) and "val" in cache.manifest["splits"]:
+                history["val_step"].append(step)
+                history["val_loss"].append(evaluate(model, cache, "val", device, dtype, chunk_tokens))
+    finally:
+        if isinstance(opt, FusedAdamW):
+            opt.remove()
     return history
 
 

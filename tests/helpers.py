@@ -10,7 +10,7 @@ CPU = torch.device("cpu")
 
 def build_cache(model_dir: Path, data: Path, act_dir: Path, *, train_layers: int = 1, context_length: int = 32,
                 batch_tokens: int = 128, part_tokens: int = 256, val_fraction: float = 0.0, seed: int = 0,
-                dtype: str = "auto", max_samples: int = 0):
+                dtype: str = "auto", max_samples: int = 0, blocks_per_pass: int = 1, keep_in_ram: bool = False):
     """Model -> samples -> cache -> embed -> peristalsis, as in pelatun.ipynb; returns (cache, stats, splits)."""
     config = pu.read_config(model_dir)
     weights = pu.Weights(model_dir, config)
@@ -27,10 +27,13 @@ def build_cache(model_dir: Path, data: Path, act_dir: Path, *, train_layers: int
         "compute_dtype": pu.dtype_name(compute)})
     target = config.num_hidden_layers - train_layers
     cache = pu.open_cache(act_dir, identity, target)
-    if cache is None:
+    if cache is not None:
+        pu.verify_cache(cache)
+    else:
         cache = pu.create_cache(act_dir, identity, splits, config.hidden_size, part_tokens)
+    cache.ram = {} if keep_in_ram else None  # as the plan decides in the notebook
     pu.embed(cache, weights, CPU, compute)
-    stats = pu.peristalsis(cache, weights, target, CPU, compute, batch_tokens)
+    stats = pu.peristalsis(cache, weights, target, CPU, compute, batch_tokens, blocks_per_pass, keep_in_ram)
     return cache, stats, splits
 
 

@@ -36,15 +36,19 @@ def cached_hidden(cache, split):
     return [h for _, _, h in pu.read_activations(cache.dir, split)]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_float32_cache_is_bitwise_the_full_forward(arch, tiny_model, tmp_path):
+@pytest.mark.parametrize("arch,blocks_per_pass,keep_in_ram", [("llama", 1, False), ("mistral", 1, False),
+                                                                ("qwen2", 1, False), ("llama", 2, False),
+                                                                ("llama", 3, True)])
+def test_float32_cache_is_bitwise_the_full_forward(arch, blocks_per_pass, keep_in_ram, tiny_model, tmp_path):
     """fp32: cached hidden states == transformers' output_hidden_states[L - TRAIN_LAYERS], bit for bit."""
     model_dir = tiny_model(arch)
     data = write_text(tmp_path / "d.txt")
     for train_layers in (1, 2):
         cache, stats, _ = build_cache(model_dir, data, tmp_path / f"act{train_layers}", train_layers=train_layers,
-                                      val_fraction=0.2, batch_tokens=96)
-        assert stats.blocks_run == 4 - train_layers and stats.max_live_blocks == 1
+                                      val_fraction=0.2, batch_tokens=96, blocks_per_pass=blocks_per_pass,
+                                      keep_in_ram=keep_in_ram)
+        assert stats.blocks_run == 4 - train_layers
+        assert stats.max_live_blocks == min(blocks_per_pass, 4 - train_layers)
         ref = reference_hidden(model_dir, cache, 4 - train_layers, 96)
         for split in ("train", "val"):
             got = cached_hidden(cache, split)
@@ -85,6 +89,30 @@ def test_16bit_cache_within_rounding(dtype, tiny_model, tmp_path):
         assert np.abs(g - r).max() / np.abs(r).max() < TOLERANCE_16BIT[dtype]
 
 
+def test_grouping_does_not_change_16bit_numbers(tiny_model, tmp_path):
+    """Rounding after every block makes a bf16 cache identical whatever the blocks per pass or RAM mode."""
+    model_dir, data = tiny_model("llama", dtype=torch.bfloat16, layers=5), write_text(tmp_path / "d.txt")
+    runs = [build_cache(model_dir, data, tmp_path / f"a{g}{ram}", blocks_per_pass=g, keep_in_ram=ram)[0]
+            for g, ram in [(1, False), (2, False), (4, True)]]
+    assert len({c.digest() for c in runs}) == 1
+    first = cached_hidden(runs[0], "train")
+    for c in runs[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(first, cached_hidden(c, "train")))
+
+
+def test_bytes_moved_are_counted(tiny_model, tmp_path):
+    """Hidden-state bytes read and written per pass: 2 x tokens x hidden x itemsize per group (disk mode)."""
+    model_dir, data = tiny_model("llama", dtype=torch.float16, layers=5), write_text(tmp_path / "d.txt")
+    per_pass = None
+    for g, ram in [(1, False), (2, False), (4, True)]:
+        cache, stats, _ = build_cache(model_dir, data, tmp_path / f"a{g}{ram}", blocks_per_pass=g, keep_in_ram=ram)
+        per_pass = cache.nbytes()
+        passes = -(-4 // g)
+        assert stats.groups == [[i, min(i + g, 4)] for i in range(0, 4, g)]
+        assert stats.hidden_bytes_written == passes * per_pass
+        assert stats.hidden_bytes_read == (0 if ram else passes * per_pass)
+
+
 def test_smollm2_cache_matches_full_model(smollm2_dir, tmp_path):
     """The real SmolLM2-135M on a few samples of the default data: bf16 cache vs the fp32 full forward."""
     data = pu.build_default_data(tmp_path / "stdlib_chat.jsonl")
@@ -108,12 +136,12 @@ def test_one_block_in_memory(tiny_model, tmp_path, monkeypatch):
         reads.append({n.split(".")[2] if n.startswith("model.layers.") else n for n in names})
         return real_read(self, names)
 
-    def run(self, blocks, x, mask):
+    def run(self, blocks, x, mask, **kw):
         gc.collect()
         live.append(len(pu.LIVE_BLOCKS))
         params = sum(p.numel() for b in pu.LIVE_BLOCKS for p in b.parameters())
         assert params <= pu.block_parameter_count(self.config)
-        return real_run(self, blocks, x, mask)
+        return real_run(self, blocks, x, mask, **kw)
 
     monkeypatch.setattr(pu.Weights, "read", read)
     monkeypatch.setattr(pu.BlockRunner, "run", run)

@@ -80,6 +80,14 @@ def check_parameters(params: dict, types: dict) -> None:
             raise PelatunError(f"Parameter {name}={value!r} should be a {want}; fix it in the parameters cell.")
 
 
+def check_train_layers(train_layers: int, num_layers: int) -> int:
+    """TRAIN_LAYERS must leave at least the embedding below; returns the first trained layer."""
+    if not 1 <= train_layers <= num_layers:
+        raise PelatunError(f"TRAIN_LAYERS={train_layers} is out of range: this model has {num_layers} blocks, "
+                           f"so use 1 to {num_layers}.")
+    return num_layers - train_layers
+
+
 def peak_memory_reset(device: torch.device) -> None:
     """Start a new peak-memory window (CUDA allocator peak, or the process's peak RSS on Linux)."""
     if device.type == "cuda":

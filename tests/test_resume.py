@@ -1,0 +1,122 @@
+"""Crash safety of the pass: kill -9 anywhere and resume to the same bits; torn parts; a full disk."""
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pelatun_utils as pu
+from helpers import build_cache, write_text
+
+SCRIPT = Path(__file__).with_name("run_pipeline.py")
+
+
+def run(model, data, act, *args, kill_after: float | None = None) -> str | None:
+    """Run the pass in a subprocess; SIGKILL it `kill_after` seconds after it starts working. Returns the digest."""
+    p = subprocess.Popen([sys.executable, str(SCRIPT), str(model), str(data), str(act), *map(str, args)],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert p.stdout.readline().strip() == "START"
+    if kill_after is not None:
+        time.sleep(kill_after)
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+            return None
+    out = p.communicate()[0]
+    assert p.returncode == 0, out
+    return out.split("DIGEST ")[1].strip()
+
+
+@pytest.mark.parametrize("g,ram,kills", [(2, "", 10), (3, "ram", 4)])
+def test_kill_anywhere_resumes_to_the_same_bits(g, ram, kills, tiny_model, tmp_path):
+    """SIGKILLs at random moments of the pass, each followed by a resume: the final cache is bit-identical."""
+    model = tiny_model("llama", dtype=torch.bfloat16, layers=8)
+    data = write_text(tmp_path / "d.txt", n=60)
+    t0 = time.perf_counter()
+    want = run(model, data, tmp_path / "clean", g, ram)
+    duration = time.perf_counter() - t0
+    rng = random.Random(g)
+    killed = 0
+    for _ in range(3 * kills):  # each killed run makes progress, so later kills come earlier
+        if killed == kills:
+            break
+        if run(model, data, tmp_path / "killed", g, ram, kill_after=rng.uniform(0, duration / 3)) is None:
+            killed += 1
+    assert killed == kills
+    assert run(model, data, tmp_path / "killed", g, ram) == want
+    a = [h for _, _, h in pu.read_activations(tmp_path / "clean", "train")]
+    b = [h for _, _, h in pu.read_activations(tmp_path / "killed", "train")]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_torn_part_is_detected_and_recomputed(tiny_model, tmp_path):
+    """Flipped bytes in one part and a truncated-then-regrown file are found by checksums and recomputed."""
+    model, data = tiny_model("llama", dtype=torch.float16), write_text(tmp_path / "d.txt")
+    cache, _, _ = build_cache(model, data, tmp_path / "act", part_tokens=64)
+    want = cache.digest()
+    hidden = cache.dir / "train" / "hidden.bin"
+    with open(hidden, "r+b") as f:  # flip bytes inside the second part
+        f.seek(cache.manifest["splits"]["train"]["parts"][1]["tokens"][0] * 64 * 2 + 10)
+        f.write(b"\xff\xff\xff")
+    again, stats, _ = build_cache(model, data, tmp_path / "act", part_tokens=64)
+    assert stats.blocks_run == 3 and again.digest() == want
+    size = hidden.stat().st_size
+    with open(hidden, "r+b") as f:  # a torn tail: truncated, then back to size with zeros
+        f.truncate(size // 2)
+        f.truncate(size)
+    again, _, _ = build_cache(model, data, tmp_path / "act", part_tokens=64)
+    assert again.digest() == want
+
+
+def test_changed_token_file_is_refused(tiny_model, tmp_path):
+    """Token ids changed behind the cache's back are detected by checksum, with the fix."""
+    model, data = tiny_model("llama"), write_text(tmp_path / "d.txt")
+    cache, _, _ = build_cache(model, data, tmp_path / "act")
+    with open(cache.dir / "train" / "tokens.bin", "r+b") as f:
+        f.write(b"\x01\x02")
+    with pytest.raises(pu.PelatunError, match="tokens.bin does not match its checksum.*Delete"):
+        build_cache(model, data, tmp_path / "act")
+
+
+def test_full_disk_stops_cleanly_and_resumes(tiny_model, tmp_path, monkeypatch):
+    """ENOSPC in the middle of the pass: a clear error, and after space is freed the run resumes to the same bits."""
+    model, data = tiny_model("llama", dtype=torch.float16, layers=5), write_text(tmp_path / "d.txt")
+    clean = build_cache(model, data, tmp_path / "clean", part_tokens=64)[0]
+    want, n_parts = clean.digest(), len(clean.parts())
+    real = pu.Cache.store_hidden
+    calls = {"n": 0}
+
+    def store(self, split, part, hidden, layer):
+        calls["n"] += 1
+        if calls["n"] == 2 * n_parts + 2:  # embed, block 0, then the third part of block 1
+            raise pu.disk_error(OSError(errno.ENOSPC, "No space left on device"), self.dir)
+        return real(self, split, part, hidden, layer)
+
+    monkeypatch.setattr(pu.Cache, "store_hidden", store)
+    with pytest.raises(pu.PelatunError, match="disk.*is full.*resumes where it stopped"):
+        build_cache(model, data, tmp_path / "act", part_tokens=64)
+    monkeypatch.setattr(pu.Cache, "store_hidden", real)
+    cache, stats, _ = build_cache(model, data, tmp_path / "act", part_tokens=64)
+    assert stats.groups[0] == [1, 2] and cache.digest() == want
+
+
+def test_enospc_from_the_filesystem_is_a_clean_error(tiny_model, tmp_path, monkeypatch):
+    """A real OSError(ENOSPC) raised by the memmap write becomes the disk-full PelatunError."""
+    model, data = tiny_model("llama"), write_text(tmp_path / "d.txt")
+
+    class Full(np.memmap):
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real = pu.Cache.array
+    monkeypatch.setattr(pu.Cache, "array", lambda self, s, n, mode="r": real(self, s, n, mode).view(Full)
+                        if mode == "r+" else real(self, s, n, mode))
+    with pytest.raises(pu.PelatunError, match="is full"):
+        build_cache(model, data, tmp_path / "act")

@@ -1351,7 +1351,9 @@ def pick_master_dtype(master_dtype: torch.dtype | str) -> torch.dtype:
 
 def chunk_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of one chunk: h [n, hidden], weight [vocab, hidden], labels [n] (already shifted)."""
-    logits = torch.nn.functional.linear(h, weight).float()  # [n, vocab]: the only logits that ever exist
+    # [n, vocab], the only logits that ever exist, as a view of [vocab, n]: so that weight's gradient comes out
+    # [vocab, hidden]-contiguous and accumulates in place (h @ weight.T costs one more [vocab, hidden] copy).
+    logits = (weight @ h.t()).t().float()
     return torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
 
 
@@ -1542,11 +1544,12 @@ def return_freed_memory() -> bool:
 
 def with_last(items) -> Iterator[tuple[bool, object]]:
     """(is_last, item) for each item, looking one ahead."""
+    end = object()
     it = iter(items)
-    cur = next(it, StopIteration)
-    while cur is not StopIteration:
-        nxt = next(it, StopIteration)
-        yield nxt is StopIteration, cur
+    cur = next(it, end)
+    while cur is not end:
+        nxt = next(it, end)
+        yield nxt is end, cur
         cur = nxt
 
 
@@ -1574,12 +1577,21 @@ def train_step(model: TopModel, opt, samples, n_targets: int, *, scaler, clip_gr
 
 def train(model: TopModel, cache: Cache, *, epochs: int, lr: float, batch_tokens: int, weight_decay: float,
           warmup_steps: int, seed: int, device: torch.device, dtype: torch.dtype, eval_every: int = 0,
-          optimizer: str = "adamw", clip_grad: float = 1.0, chunk_tokens: int = 0) -> dict:
+          optimizer: str = "adamw", clip_grad: float = 1.0, chunk_tokens: int = 0,
+          checkpoint_root: str | Path | None = None, checkpoint_every: int = 0) -> dict:
     """Train with OPTIMIZER (see OPTIMIZERS) on the cached hidden states; returns the loss history.
 
     clip_grad: clip the global gradient norm to this (0 = no clipping); 'fused' clips each weight by its own norm.
     chunk_tokens: > 0 computes the lm_head and the loss that many tokens at a time (chunked_lm_loss).
+    checkpoint_root, checkpoint_every: save weights, optimizer state, step and RNG every N steps under
+    checkpoint_root/<settings hash>, and resume from there: an interrupted run continues to the same weights.
     """
+    identity = {"cache": cache.digest(), "first_layer": model.first_layer, "epochs": epochs, "lr": lr,
+                "batch_tokens": batch_tokens, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
+                "seed": seed, "optimizer": optimizer, "clip_grad": clip_grad, "chunk_tokens": chunk_tokens,
+                "device": device.type, "dtype": dtype_name(dtype),
+                "master_dtype": dtype_name(next(model.parameters()).dtype)}
+    folder = checkpoint_dir(checkpoint_root, identity) if checkpoint_root is not None else None
     torch.manual_seed(seed)
     if device.type == "cpu":
         return_freed_memory()
@@ -1587,8 +1599,9 @@ def train(model: TopModel, cache: Cache, *, epochs: int, lr: float, batch_tokens
     opt = make_optimizer(model, optimizer, lr=lr, weight_decay=weight_decay, device=device, scaler=scaler,
                          clip_grad=clip_grad)
     steps = make_steps(cache, epochs, batch_tokens, seed)
-    history = {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
-    bar = tqdm(range(len(steps)), desc="train")
+    done, history = resume_training(folder, identity, model, opt, scaler) if folder else (0, None)
+    history = history or {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
+    bar = tqdm(range(done, len(steps)), desc="train", initial=done, total=len(steps))
     try:
         for step in bar:
             model.train()
@@ -1605,10 +1618,104 @@ def train(model: TopModel, cache: Cache, *, epochs: int, lr: float, batch_tokens
             if eval_every and ((step + 1) % eval_every == 0 or step == len(steps) - 1) and "val" in cache.manifest["splits"]:
                 history["val_step"].append(step)
                 history["val_loss"].append(evaluate(model, cache, "val", device, dtype, chunk_tokens))
+            if folder and checkpoint_every and ((step + 1) % checkpoint_every == 0 or step == len(steps) - 1):
+                save_training(folder, identity, model, opt, scaler, step + 1, history)
     finally:
         if isinstance(opt, FusedAdamW):
             opt.remove()
     return history
+
+
+# Training checkpoints: safetensors for tensors (never pickle) + a JSON skeleton for everything else.
+
+
+def flatten_state(obj, prefix: str, tensors: dict):
+    """Nested optimizer state -> JSON skeleton; tensors go into `tensors` under dotted names."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {"tensor": prefix}
+    if isinstance(obj, dict):
+        return {"dict": [[k, flatten_state(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"list": [flatten_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
+    return {"value": obj}
+
+
+def unflatten_state(skeleton, tensors: dict):
+    """The inverse of flatten_state."""
+    if "tensor" in skeleton:
+        return tensors[skeleton["tensor"]]
+    if "dict" in skeleton:
+        return {k: unflatten_state(v, tensors) for k, v in skeleton["dict"]}
+    if "list" in skeleton:
+        return [unflatten_state(v, tensors) for v in skeleton["list"]]
+    return skeleton["value"]
+
+
+def optimizer_states(opt) -> list[dict]:
+    """The optimizer's state dicts (one per weight for 'fused')."""
+    return [o.state_dict() for o in opt.opts.values()] if isinstance(opt, FusedAdamW) else [opt.state_dict()]
+
+
+def load_optimizer_states(opt, states: list[dict]) -> None:
+    """Restore what optimizer_states returned."""
+    for o, state in zip(opt.opts.values() if isinstance(opt, FusedAdamW) else [opt], states):
+        o.load_state_dict(state)
+
+
+def checkpoint_dir(root: str | Path, identity: dict) -> Path:
+    """ROOT/<hash of the run's settings>: runs with other settings never share (or overwrite) a checkpoint."""
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(root) / key
+
+
+def save_training(folder: Path, identity: dict, model: TopModel, opt, scaler, step: int, history: dict) -> None:
+    """Write step-N.safetensors (weights, optimizer state, RNG), then point latest.json at it atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    skeleton = flatten_state(optimizer_states(opt), "opt", tensors)
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    name = f"step-{step:07d}.safetensors"
+    try:
+        save_file(tensors, folder / (name + ".tmp"), metadata={"format": "pt"})
+        with open(folder / (name + ".tmp"), "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(folder / (name + ".tmp"), folder / name)
+        write_json_atomic(folder / "latest.json", {"identity": identity, "step": step, "file": name,
+                                                   "history": history, "optimizer": skeleton,
+                                                   "scaler": scaler.state_dict()})
+    except OSError as e:
+        raise disk_error(e, folder) from e
+    for old in folder.glob("step-*.safetensors*"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def resume_training(folder: Path, identity: dict, model: TopModel, opt, scaler) -> tuple[int, dict | None]:
+    """(steps done, history) from folder/latest.json, restoring weights, optimizer and RNG; (0, None) if none."""
+    latest = folder / "latest.json"
+    if not latest.exists():
+        return 0, None
+    meta = json.loads(latest.read_text())
+    if meta["identity"] != identity:
+        raise PelatunError(f"{folder} holds a training checkpoint for other settings "
+                           f"({', '.join(identity_differences(meta['identity'], identity))}); delete it to start over.")
+    try:
+        tensors = load_file(folder / meta["file"])
+    except Exception as e:
+        raise PelatunError(f"The training checkpoint {folder / meta['file']} cannot be read ({e}); delete {folder} "
+                           f"to restart training from step 0.") from e
+    with torch.no_grad():
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    load_optimizer_states(opt, unflatten_state(meta["optimizer"], tensors))
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    scaler.load_state_dict(meta["scaler"]) if meta["scaler"] else None
+    print(f"Resuming training from its checkpoint at step {meta['step']} ({folder}).")
+    return meta["step"], meta["history"]
 
 
 def span(cache: Cache, split: str, i: int) -> tuple[int, int]:
@@ -1631,6 +1738,102 @@ def plot_losses(history: dict, before: float | None = None):
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+# Peak RSS of this project's CPU machine (Python 3.11, torch 2.13, transformers 5.25) running one train_step of a
+# tiny model with chunked loss and checkpointing: the interpreter, the libraries and what their first use loads.
+CPU_BASELINE_BYTES = 400 << 20
+
+
+def block_parameter_shapes(config) -> list[tuple[int, ...]]:
+    """Shapes of one decoder layer's weights, from the real class on the meta device (no memory)."""
+    DecoderLayer, _, _ = layer_classes(config)
+    with torch.device("meta"):
+        return [tuple(p.shape) for p in DecoderLayer(config, layer_idx=0).parameters()]
+
+
+def predict_train_peak(config, train_layers: int, tokens: int, optimizer: str = "adamw",
+                       master_dtype: torch.dtype | str = torch.float32, chunk_tokens: int = 0,
+                       checkpoint: bool = False, device_type: str = "cpu", *, micro_batches: int = 1,
+                       compute_dtype: torch.dtype | None = None, baseline: int | None = None) -> dict[str, int]:
+    """Peak memory of a training step on samples of `tokens` tokens, in bytes by part, and its total.
+
+    micro_batches: samples per optimizer step; with more than one, every gradient is held from one sample to the
+    next ('fused' too: it updates during the last sample's backward only). On CPU, total is the peak RSS of a process running train() (baseline: the process itself, CPU_BASELINE_BYTES
+    unless given); on CUDA, torch.cuda.max_memory_allocated (baseline 0; the CUDA context comes on top).
+    total is the peak of any step once the optimizer state exists; first_step that of a fresh process's first
+    step, where AdamW creates its state only at the first update. The parts are not simply added: the step's
+    phases (loss backward, top block's backward, optimizer update) peak at different times; see the comments.
+    """
+    cuda = device_type == "cuda"
+    mb = pick_master_dtype(master_dtype).itemsize
+    # activations: 16-bit under CUDA autocast; on CPU (no autocast) in the weights' dtype
+    cb = (compute_dtype or (torch.bfloat16 if cuda else pick_master_dtype(master_dtype))).itemsize
+    H, I, V, L, T = config.hidden_size, config.intermediate_size, config.vocab_size, train_layers, tokens
+    hd = getattr(config, "head_dim", None) or H // config.num_attention_heads
+    nh, kv = config.num_attention_heads, config.num_key_value_heads * hd
+    block_shapes = block_parameter_shapes(config)
+    block = [math.prod(s) for s in block_shapes]  # one block's tensors
+    shapes = block_shapes * L + [(H,), (V, H)]  # every trained tensor: blocks, final norm, lm_head
+    sizes = [math.prod(s) for s in shapes]
+    largest, lm = max(sizes) * mb, V * H * mb
+    weights = sum(sizes) * mb
+    # 1. Optimizer: gradients, state, and the temporaries of one update. CPU optimizers loop over tensors (2 and
+    # 1 tensor-sized temporaries in AdamW's and Adafactor's update); CUDA ones use foreach over all matrices.
+    matrices = sum(s for s in sizes if s >= 2 * H) * mb
+    grads = largest if optimizer == "fused" and micro_batches == 1 else weights
+    state = {"adamw": 2 * weights, "fused": 2 * weights,  # exp_avg and exp_avg_sq in the master dtype
+             "adamw8bit": sum(2 * s if s >= 4096 else 8 * s for s in sizes),  # small tensors keep fp32 state
+             "adafactor": sum(sum(s) if len(s) == 2 else s[0] for s in shapes) * mb}.get(optimizer)  # rows + cols
+    if state is None:
+        raise PelatunError(f"OPTIMIZER={optimizer!r} is not one of {', '.join(map(repr, OPTIMIZERS))}.")
+    temp = {"adamw": matrices if cuda else 2 * largest, "fused": largest * (1 if cuda else 2),
+            "adafactor": matrices if cuda else largest, "adamw8bit": 0}[optimizer]
+    # 2. Activations saved for backward, bytes per token (counted with saved_tensors_hooks on Llama layers):
+    # MLP 4 x [T, I]; norms, residuals, q, o, attention output 8 x [T, H]; k, v; SDPA's logsumexp. No T x T.
+    per_layer = (4 * I + 8 * H + 2 * kv + nh + 2) * cb
+    shared = (H + 2 * hd) * cb + H * 4 + 8  # final norm input, RoPE cos/sin; the sample's fp32 input and labels
+    if checkpoint and L > 1:
+        acts_loss = T * (L * H * cb + shared)  # only each block's input is kept...
+        acts_top = acts_loss + T * per_layer  # ...and one block is recomputed at a time
+    else:
+        acts_loss = acts_top = T * (L * per_layer + shared)
+    acts_top += T * (2 * I + 2 * H) * cb  # gradients flowing back through the top block's MLP
+    autocast_copies = (L * sum(block) * cb if cuda and cb < mb else 0)  # 16-bit weight copies kept for backward
+    # 3. Logits in the loss backward: float32 log-softmax, its gradient and the logits' gradient (3 x [c, vocab]),
+    # or, later, the logits' gradient with a new [vocab, hidden] gradient of the lm_head. Chunked: the lm_head's
+    # gradient accumulates over chunks (one more [vocab, hidden]). Plain: the gradient comes out transposed and is
+    # copied once.
+    c = min(chunk_tokens, T - 1) if chunk_tokens > 0 else T
+    cv = c * V * (4 + (cb if cb < 4 else 0))
+    if chunk_tokens <= 0:
+        logits = max(3 * cv, cv + 2 * lm)
+    else:
+        logits = (lm if c < T - 1 else 0) + max(3 * cv, lm + 3 * cv // 2)
+    # 4. Phases: the loss backward, the fused update of the lm_head (inside backward), the top block's backward
+    # (lm_head gradient done), the optimizer update (all gradients); the state is there in each once it exists.
+    held = weights if micro_batches > 1 else 0  # gradients accumulated over the step's earlier samples
+    new_grads = held + largest if held else largest if optimizer == "fused" else lm + L * sum(block) * mb
+    loss_phase = acts_loss + held + logits + autocast_copies
+    fused_phase = acts_loss + (held or lm) + temp + autocast_copies if optimizer == "fused" else 0
+    top_phase = acts_top + new_grads + autocast_copies
+    step_phase = 0 if optimizer == "fused" else grads + temp
+    base = (0 if cuda else CPU_BASELINE_BYTES) if baseline is None else baseline
+    fixed = base + weights
+    if optimizer == "fused":  # a fresh run creates each tensor's state at its first update, the lm_head's first
+        first = max(loss_phase, fused_phase + 2 * lm, top_phase + state)
+    else:  # the others create all of it in the first update
+        first = max(loss_phase, top_phase, step_phase + state)
+    return {"weights": weights, "grads": grads, "optimizer_state": state, "optimizer_temp": temp,
+            "activations": acts_top, "logits_chunk": logits, "autocast_copies": autocast_copies, "baseline": base,
+            "total": fixed + state + max(loss_phase, fused_phase, top_phase, step_phase), "first_step": fixed + first}
+
+
+def print_train_plan(plan: dict[str, int]) -> None:
+    """Print predict_train_peak's parts as a small table."""
+    w = max(map(len, plan))
+    for k, v in plan.items():
+        print(f"  {k.replace('_', ' '):<{w}}  {human_bytes(v):>12}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -120,3 +120,40 @@ def test_enospc_from_the_filesystem_is_a_clean_error(tiny_model, tmp_path, monke
                         if mode == "r+" else real(self, s, n, mode))
     with pytest.raises(pu.PelatunError, match="is full"):
         build_cache(model, data, tmp_path / "act")
+
+
+TRAIN_SCRIPT = Path(__file__).with_name("run_training.py")
+
+
+def run_training(model, data, act, optimizer, kill_after=None):
+    """Train in a subprocess; SIGKILL it `kill_after` s after training starts. Returns its DIGEST line."""
+    p = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), str(model), str(data), str(act), optimizer],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    while (line := p.stdout.readline()) and line.strip() != "START":
+        pass
+    if kill_after is not None:
+        time.sleep(kill_after)
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+            return None
+    out = p.communicate()[0]
+    assert p.returncode == 0, out
+    return out.split("DIGEST ")[1].strip()
+
+
+@pytest.mark.parametrize("optimizer,kills", [("adamw", 5), ("fused", 2)])
+def test_training_killed_resumes_to_the_same_weights(optimizer, kills, tiny_model, tmp_path):
+    """SIGKILLs during training, each followed by a rerun: final fp32 weights and history equal an uninterrupted run."""
+    model, data = tiny_model("llama", layers=4), write_text(tmp_path / "d.txt", n=60)
+    t0 = time.perf_counter()
+    want = run_training(model, data, tmp_path / "clean", optimizer)
+    duration = time.perf_counter() - t0
+    rng, killed = random.Random(7), 0
+    for _ in range(3 * kills):
+        if killed == kills:
+            break
+        if run_training(model, data, tmp_path / "killed", optimizer, kill_after=rng.uniform(0, duration / 2)) is None:
+            killed += 1
+    assert killed == kills
+    assert run_training(model, data, tmp_path / "killed", optimizer) == want

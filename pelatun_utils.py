@@ -1186,18 +1186,16 @@ def calibrate(plan: dict, weights: Weights, cache: Cache, device: torch.device, 
     """Estimate the pass's seconds from one timed batch through one block and a timed disk write."""
     runner = BlockRunner(weights.config, device, dtype)
     block = weights.load_block(max(cache.layer(), 0), device, dtype)
+    tokens = sum(s["n_tokens"] for s in cache.manifest["splits"].values())
     T = min(max(int(np.diff(cache.offsets(s)).max()) for s in cache.manifest["splits"]), plan["batch_tokens"])
-    B = max(1, plan["batch_tokens"] // T)
+    B = max(1, min(plan["batch_tokens"], tokens // 8) // T)  # a small share of the pass's own work
     x = torch.randn(B, T, weights.config.hidden_size, device=device, dtype=dtype)
-    runner.run([(0, block)], x, None)  # warm-up
-    sync(device)
     t0 = time.perf_counter()
     runner.run([(0, block)], x, None, round_to=cache.dtype)
     sync(device)
     per_token_block = (time.perf_counter() - t0) / (B * T)
     del block, x
     gc.collect()
-    tokens = sum(s["n_tokens"] for s in cache.manifest["splits"].values())
     disk = disk_write_speed(cache.dir)
     compute = per_token_block * tokens * plan["blocks_to_run"]
     io = (plan["hidden_bytes_written"] + plan["hidden_bytes_read"]) / disk
@@ -1213,7 +1211,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def disk_write_speed(folder: Path, nbytes: int = 64 << 20) -> float:
+def disk_write_speed(folder: Path, nbytes: int = 32 << 20) -> float:
     """Bytes/s of a flushed write into folder (what writing hidden states will see)."""
     path = Path(folder) / "disk_speed.tmp"
     data = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
@@ -1451,7 +1449,8 @@ OPTIMIZERS = {  # OPTIMIZER -> what it keeps per trained weight, besides the wei
     "adamw": "torch AdamW: a gradient and two state tensors in the master dtype (the default)",
     "adamw8bit": "bitsandbytes AdamW8bit: a gradient and 2 bytes of state (CUDA only)",
     "adafactor": "torch Adafactor: a gradient, and a row and a column vector per matrix as state",
-    "fused": "AdamW applied inside backward, one tensor at a time: two state tensors, no gradient buffers",
+    "fused": "AdamW applied inside backward, one tensor at a time: two state tensors, and no gradients kept "
+             "when a step is one sample (BATCH_TOKENS <= CONTEXT_LENGTH); clips per tensor",
 }
 
 
@@ -1827,6 +1826,14 @@ def predict_train_peak(config, train_layers: int, tokens: int, optimizer: str = 
     return {"weights": weights, "grads": grads, "optimizer_state": state, "optimizer_temp": temp,
             "activations": acts_top, "logits_chunk": logits, "autocast_copies": autocast_copies, "baseline": base,
             "total": fixed + state + max(loss_phase, fused_phase, top_phase, step_phase), "first_step": fixed + first}
+
+
+def check_fits(need: int, budget: int, what: str) -> None:
+    """Refuse a phase whose predicted peak exceeds the memory budget, with the numbers and what to change."""
+    if need > budget:
+        raise PelatunError(f"{what} needs about {human_bytes(need)} but MEMORY_BUDGET is {human_bytes(budget)}. "
+                           f"Try OPTIMIZER='fused' or 'adafactor', CHUNK_TOKENS=1024, MASTER_DTYPE='bfloat16', a "
+                           f"smaller CONTEXT_LENGTH or TRAIN_LAYERS, or raise MEMORY_BUDGET if the machine has more.")
 
 
 def print_train_plan(plan: dict[str, int]) -> None:

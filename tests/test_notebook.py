@@ -48,7 +48,10 @@ def test_notebook_runs_and_improves_held_out_loss(tmp_path, smollm2_dir):
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"] - 0.05
     assert metrics["ppl_after"] == pytest.approx(math.exp(metrics["eval_loss_after"]))
     assert metrics["cache_bytes"] == (metrics["train_tokens"] + metrics["val_tokens"]) * 576 * 2
-    assert metrics["pass"]["max_live_blocks"] == 1 and metrics["pass"]["blocks_run"] == 29
+    assert metrics["pass"]["blocks_run"] == 29
+    assert metrics["pass"]["max_live_blocks"] == metrics["plan"]["blocks_per_pass"]
+    assert metrics["pass"]["hidden_bytes_written"] == len(metrics["pass"]["groups"]) * metrics["cache_bytes"]
+    assert len(metrics["activations_digest"]) == 64 and metrics["train_plan"]["total"] > 0
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert model.config.tie_word_embeddings is False
     assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)

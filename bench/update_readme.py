@@ -62,7 +62,7 @@ def main():
     if args.default_run:
         shutil.copy(args.default_run, RESULTS / "default_run.json")
     readme = (ROOT / "README.md").read_text()
-    for key in ["default_run", "peristalsis", "memory"]:
+    for key in ["default_run", "peristalsis", "gpu_plan", "memory"]:
         path = RESULTS / f"{key}.json"
         if not path.exists():
             continue

@@ -66,3 +66,44 @@ def test_plan_refuses_what_does_not_fit(tiny_model, tmp_path):
     plan["free_disk_bytes"] = 10
     with pytest.raises(pu.PelatunError, match="cache needs .* only 10 B is free"):
         pu.print_plan(plan)
+
+
+def test_changed_tokenizer_or_compute_dtype_is_refused(tiny_model, tmp_path):
+    """The cache names a different tokenizer, or compute dtype, as what differs."""
+    model, data = tiny_model("llama"), write_text(tmp_path / "d.txt")
+    build_cache(model, data, tmp_path / "act")
+    with pytest.raises(pu.PelatunError, match="different compute_dtype"):
+        build_cache(model, data, tmp_path / "act", dtype="bfloat16")
+    config = model / "tokenizer_config.json"
+    config.write_text(config.read_text().replace("}", ', "pelatun_test": 1}', 1))
+    with pytest.raises(pu.PelatunError, match="different tokenizer"):
+        build_cache(model, data, tmp_path / "act")
+
+
+def test_tensor_of_wrong_dtype_refused(tiny_model):
+    """An integer tensor where a weight should be is refused, naming it."""
+    model = tiny_model("llama")
+    weights = pu.Weights(model)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    shard = model / weights.map[name]
+    tensors = load_file(shard)
+    tensors[name] = tensors[name].to(torch.int32)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    before = shard.read_bytes()
+    with pytest.raises(pu.PelatunError, match="self_attn.q_proj.weight has dtype torch.int32"):
+        pu.Weights(model).load_block(0, torch.device("cpu"), torch.float32)
+    assert shard.read_bytes() == before
+
+
+def test_interrupted_export_is_redone(tiny_model, tmp_path):
+    """A half-written OUTPUT_DIR.partial from a killed export is replaced by a complete export."""
+    model = tiny_model("llama")
+    weights = pu.Weights(model)
+    top = pu.TopModel(weights, 3, torch.device("cpu"))
+    out = tmp_path / "out"
+    (tmp_path / "out.partial").mkdir()
+    (tmp_path / "out.partial" / "model-00001-of-00003.safetensors").write_bytes(b"torn")
+    pu.export(top, weights, out, pu.load_tokenizer(model))
+    assert not (tmp_path / "out.partial").exists()
+    import transformers
+    transformers.AutoModelForCausalLM.from_pretrained(out)

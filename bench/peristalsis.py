@@ -756,3 +756,8 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def markdown_table(result: dict) -> str:
+    """README's table (bench/update_readme.py calls this)."""
+    return table(result)

@@ -62,7 +62,7 @@ MODELS = {
         "memory_budget_gib": 8.0,
         "data": "random token ids < 32000 (numpy default_rng(0)), N samples of 16 tokens",
         # calibrate() pushes batch_tokens tokens through one block twice; for a 7B block that is minutes
-        "calibrate_batch_tokens": 1024,
+        "calibrate_batch_tokens": 256,
     },
 }
 SMOKE = {"smollm2": {"ns": [4, 8], "reps": {4: 1, 8: 2}}, "syn7b": {"ns": [2, 4], "reps": {2: 1, 4: 1}, "sample_tokens": 8}}
@@ -296,6 +296,25 @@ class HF:
         return self.hidden()
 
 
+def barrier_probe(reps: int = 60) -> dict:
+    """Median ms of one small op (a [70, 576] bf16 row -> float32, a sample's hidden states in SmolLM2) with 2 threads
+    and with 1: on an idle machine both are microseconds; when other processes hold the cores, the 2-thread op waits
+    for its descheduled partner thread at the parallel region's barrier (untimed, run by the floor after each repeat)."""
+    import torch
+    x = torch.randn(70, 576).to(torch.bfloat16)
+    out = {}
+    for th in (THREADS, 1):
+        torch.set_num_threads(th)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            x.to(torch.float32)
+            ts.append(time.perf_counter() - t0)
+        out[f"row_convert_ms_{th}_threads"] = sorted(ts)[len(ts) // 2] * 1e3
+    torch.set_num_threads(THREADS)
+    return out
+
+
 def worker_main(spec_path: str) -> None:
     """Setup + warm-up, then answer 'run' / 'finish' commands from stdin with one JSON line each on the saved stdout."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
@@ -347,7 +366,12 @@ def worker_main(spec_path: str) -> None:
         cmd = json.loads(line)
         try:
             if cmd["cmd"] == "run":
+                u0 = resource.getrusage(resource.RUSAGE_SELF)
                 r = runner.run(samples, data)
+                u1 = resource.getrusage(resource.RUSAGE_SELF)
+                r["cpu_seconds"] = (u1.ru_utime + u1.ru_stime) - (u0.ru_utime + u0.ru_stime)
+                if kind == "floor":
+                    r["probe"] = barrier_probe()
                 send(r)
             elif cmd["cmd"] == "finish":
                 h = runner.hidden()
@@ -452,7 +476,7 @@ def run_size(model: str, cfg: dict, n: int, reps: int, work: Path, contenders: l
         log(f"[{model} N={n}] start {c}")
         w = Worker(spec, work / "logs" / f"{model}_{c}_{n}.log")
         r = w.recv()
-        rec = {"status": "ok", "seconds": [], "tokens_per_second": [], "runs": []}
+        rec = {"status": "ok", "seconds": [], "tokens_per_second": [], "cpu_seconds": [], "runs": []}
         if "error" in r:
             rec.update(status="error", error=r["error"], traceback=r.get("traceback"))
             log(f"[{model} N={n}] {c} failed at setup: {r['error']}")
@@ -469,7 +493,7 @@ def run_size(model: str, cfg: dict, n: int, reps: int, work: Path, contenders: l
     names = list(workers)
     for k in range(reps):
         order = names[k % len(names):] + names[:k % len(names)] if names else []
-        rnd = {"order": order, "loadavg": os.getloadavg(), "seconds": {}}
+        rnd = {"order": order, "loadavg": os.getloadavg(), "seconds": {}, "cpu_seconds": {}}
         for c in order:
             r = workers[c].send({"cmd": "run"})
             rec = res["contenders"][c]
@@ -479,8 +503,12 @@ def run_size(model: str, cfg: dict, n: int, reps: int, work: Path, contenders: l
                 continue
             rec["seconds"].append(r["seconds"])
             rec["tokens_per_second"].append(rec["tokens"] / r["seconds"])
+            rec["cpu_seconds"].append(r["cpu_seconds"])
             rec["runs"].append(r)
             rnd["seconds"][c] = r["seconds"]
+            rnd["cpu_seconds"][c] = r["cpu_seconds"]
+            if "probe" in r:
+                rnd["barrier_probe"] = r["probe"]
             log(f"[{model} N={n}] round {k + 1}/{reps} {c}: {r['seconds']:.2f} s, {rec['tokens'] / r['seconds']:.1f} tok/s")
         res["rounds"].append(rnd)
     for c, w in workers.items():
@@ -496,6 +524,8 @@ def run_size(model: str, cfg: dict, n: int, reps: int, work: Path, contenders: l
         if rec["seconds"]:
             rec["median_seconds"] = median(rec["seconds"])
             rec["median_tokens_per_second"] = median(rec["tokens_per_second"])
+            rec["median_cpu_seconds"] = median(rec["cpu_seconds"])
+            rec["median_tokens_per_cpu_second"] = rec["tokens"] / rec["median_cpu_seconds"]
     floor = work / f"hidden_floor_{n}.npy"
     for c in contenders:
         p = work / f"hidden_{c}_{n}.npy"
@@ -517,12 +547,13 @@ def run_size(model: str, cfg: dict, n: int, reps: int, work: Path, contenders: l
              "pelatun_bpp1/airllm": ("pelatun_bpp1", "airllm"), "pelatun_bpp1/accelerate": ("pelatun_bpp1", "accelerate"),
              "airllm/floor": ("airllm", "floor"), "accelerate/floor": ("accelerate", "floor"),
              "pelatun/pelatun_bpp1": ("pelatun", "pelatun_bpp1")}
-    ratios = {}
-    for name, (a, b) in pairs.items():
-        per = [r["seconds"][b] / r["seconds"][a] for r in res["rounds"] if a in r["seconds"] and b in r["seconds"]]
-        if per:
-            ratios[name] = {"median_of_round_ratios": median(per), "per_round": per}
-    res["ratios_tokens_per_second"] = ratios
+    for key, out in (("seconds", "ratios_tokens_per_second"), ("cpu_seconds", "ratios_tokens_per_cpu_second")):
+        ratios = {}
+        for name, (a, b) in pairs.items():
+            per = [r[key][b] / r[key][a] for r in res["rounds"] if a in r[key] and b in r[key]]
+            if per:
+                ratios[name] = {"median_of_round_ratios": median(per), "per_round": per}
+        res[out] = ratios
     return res
 
 
@@ -581,7 +612,13 @@ NOTES = [
     "Peak memory: peak_rss_bytes = ru_maxrss of the worker process (imports, load, warm-up, calibrate, repeats); "
     "peak_rss_timed_bytes = VmHWM after resetting it (/proc/self/clear_refs) just before the timed repeats. Both count "
     "mmapped file pages the process touched. Workers of one N live at the same time (idle while others run).",
-    "The machine is shared (load average recorded per round): absolute tokens/s are noisy; the per-round ratios are the numbers to quote.",
+    "The machine is shared (load average recorded per round): absolute tokens/s are noisy; the per-round ratios are the "
+    "numbers to quote, and cpu_seconds (user+sys of the worker, all threads) are less sensitive to the cores being taken.",
+    "barrier_probe (per round, from the floor worker): median ms of one [70, 576] bf16->float32 conversion with 2 threads "
+    "and with 1. When other processes hold the 2 cores, every small op that torch splits over 2 threads waits for the "
+    "descheduled partner thread (milliseconds instead of microseconds). PeLaTun's run_part converts and pads hidden "
+    "states sample by sample (rows -> float32, pad_batch, back to storage per sample), once per pass: with 29 passes "
+    "(blocks_per_pass = 1) that is thousands of such ops; the HF contenders run whole batches.",
 ]
 
 
@@ -682,39 +719,43 @@ def table(result: dict) -> str:
             continue
         lines.append(f"**{m.get('name', model)}** ({result['machine']['cores']} cores, {result['machine']['cpu']}, "
                      f"torch {result['machine']['versions']['torch']}, {THREADS} threads, float32 compute)\n")
-        lines.append("| contender | N | tokens/s | ratio to floor | peak RSS | max abs diff vs floor |")
-        lines.append("|---|---:|---:|---:|---:|---:|")
+        lines.append("| contender | N | tokens/s | ratio to floor | tokens/CPU-s | CPU ratio to floor | peak RSS | max abs diff vs floor |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
         for n, size in m["sizes"].items():
             ratios = size.get("ratios_tokens_per_second", {})
+            cratios = size.get("ratios_tokens_per_cpu_second", {})
             for c, rec in size["contenders"].items():
                 if rec.get("status") != "ok":
-                    lines.append(f"| {c} | {n} | failed: {rec.get('error', '?')[:60]} | | | |")
+                    lines.append(f"| {c} | {n} | failed: {rec.get('error', '?')[:60]} | | | | | |")
                     continue
                 tps = rec.get("median_tokens_per_second")
-                if c == "floor":
-                    ratio = "1.00"
-                else:
-                    r = ratios.get(f"{c}/floor", {}).get("median_of_round_ratios")
-                    ratio = f"{r:.2f}" if r is not None else "-"
+                cps = rec.get("median_tokens_per_cpu_second")
+                r = 1.0 if c == "floor" else ratios.get(f"{c}/floor", {}).get("median_of_round_ratios")
+                ratio = f"{r:.2f}" if r is not None else "-"
+                r = 1.0 if c == "floor" else cratios.get(f"{c}/floor", {}).get("median_of_round_ratios")
+                cratio = f"{r:.2f}" if r is not None else "-"
+                scps = f"{cps:.1f}" if cps else "-"
                 diff = rec.get("vs_floor", {}).get("max_abs_diff")
                 sdiff = "-" if diff is None else ("0" if diff == 0 else f"{diff:.3g}")
                 reps = len(rec.get("seconds", []))
-                lines.append(f"| {c} | {n} | {tps:.1f} ({reps}x) | {ratio} | {human(rec.get('peak_rss_bytes'))} | {sdiff} |"
-                             if tps else f"| {c} | {n} | - | - | - | - |")
+                lines.append(f"| {c} | {n} | {tps:.1f} ({reps}x) | {ratio} | {scps} | {cratio} | {human(rec.get('peak_rss_bytes'))} "
+                             f"| {sdiff} |" if tps else f"| {c} | {n} | - | - | - | - | - | - |")
         lines.append("")
         rows = []
         for n, size in m["sizes"].items():
             r = size.get("ratios_tokens_per_second", {})
-            get = lambda k: r.get(k, {}).get("median_of_round_ratios")
-            fmt = lambda v: "-" if v is None else f"{v:.2f}"
-            rows.append(f"| {n} | {fmt(get('pelatun/floor'))} | {fmt(get('pelatun/airllm'))} | "
-                        f"{fmt(get('pelatun/accelerate'))} | {fmt(get('pelatun_bpp1/floor'))} |")
+            rc = size.get("ratios_tokens_per_cpu_second", {})
+            fmt = lambda d, k: "-" if d.get(k, {}).get("median_of_round_ratios") is None else f"{d[k]['median_of_round_ratios']:.2f}"
+            both = lambda k: f"{fmt(r, k)} / {fmt(rc, k)}"
+            rows.append(f"| {n} | {both('pelatun/floor')} | {both('pelatun/airllm')} | {both('pelatun/accelerate')} | "
+                        f"{both('pelatun_bpp1/floor')} |")
         lines.append("| N | PeLaTun / floor | PeLaTun / AirLLM | PeLaTun / accelerate | PeLaTun bpp=1 / floor |")
         lines.append("|---:|---:|---:|---:|---:|")
         lines += rows
         lines.append("")
     lines.append("tokens/s: median of the repeats (count in parentheses); ratios: median of per-round side-by-side "
-                 "ratios; peak RSS: ru_maxrss of a fresh process per contender and N; max abs diff: hidden states at "
+                 "ratios (second table: wall / CPU-time); tokens/CPU-s: real tokens per second of the worker's user+sys "
+                 "CPU time (all threads), less sensitive to other processes taking the cores; peak RSS: ru_maxrss of a fresh process per contender and N; max abs diff: hidden states at "
                  "the input of the last block vs the in-memory transformers forward (PeLaTun rounds to the model's "
                  "16-bit dtype after every block).")
     return "\n".join(lines)

@@ -16,24 +16,37 @@ import pelatun_utils as pu
 from helpers import build_cache, write_text
 
 SCRIPT = Path(__file__).with_name("run_pipeline.py")
+TRAIN_SCRIPT = Path(__file__).with_name("run_training.py")
 
 
-def run(model, data, act, *args, kill_after: float | None = None) -> str | None:
-    """Run the pass in a subprocess; SIGKILL it `kill_after` seconds after it starts working. Returns the digest."""
-    p = subprocess.Popen([sys.executable, str(SCRIPT), str(model), str(data), str(act), *map(str, args)],
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert p.stdout.readline().strip() == "START"
+def run_script(script: Path, *args, kill_after: float | None = None) -> tuple[str | None, float]:
+    """Run a script until it prints DIGEST, or SIGKILL it `kill_after` s after its START line: (digest, seconds)."""
+    p = subprocess.Popen([sys.executable, str(script), *map(str, args)], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+    while (line := p.stdout.readline()) and line.strip() != "START":
+        pass
     started = time.perf_counter()
     if kill_after is not None:
         time.sleep(kill_after)
         if p.poll() is None:
             os.kill(p.pid, signal.SIGKILL)
             p.wait()
-            return None
+            return None, time.perf_counter() - started
     out = p.communicate()[0]
     assert p.returncode == 0, out
-    run.seconds = time.perf_counter() - started  # from START to the end: the pass itself
-    return out.split("DIGEST ")[1].strip()
+    return out.split("DIGEST ")[1].strip(), time.perf_counter() - started
+
+
+def run(model, data, act, *args, kill_after: float | None = None) -> str | None:
+    """The pass in a subprocess (run_pipeline.py); its digest, or None when killed."""
+    digest, run.seconds = run_script(SCRIPT, model, data, act, *args, kill_after=kill_after)
+    return digest
+
+
+def run_training(model, data, act, optimizer, kill_after=None):
+    """Training in a subprocess (run_training.py); its weights' digest, or None when killed."""
+    digest, run_training.seconds = run_script(TRAIN_SCRIPT, model, data, act, optimizer, kill_after=kill_after)
+    return digest
 
 
 @pytest.mark.parametrize("g,ram,kills", [(2, "", 10), (3, "ram", 4)])
@@ -122,27 +135,6 @@ def test_enospc_from_the_filesystem_is_a_clean_error(tiny_model, tmp_path, monke
     with pytest.raises(pu.PelatunError, match="is full"):
         build_cache(model, data, tmp_path / "act")
 
-
-TRAIN_SCRIPT = Path(__file__).with_name("run_training.py")
-
-
-def run_training(model, data, act, optimizer, kill_after=None):
-    """Train in a subprocess; SIGKILL it `kill_after` s after training starts. Returns its DIGEST line."""
-    p = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), str(model), str(data), str(act), optimizer],
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    while (line := p.stdout.readline()) and line.strip() != "START":
-        pass
-    started = time.perf_counter()
-    if kill_after is not None:
-        time.sleep(kill_after)
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGKILL)
-            p.wait()
-            return None
-    out = p.communicate()[0]
-    assert p.returncode == 0, out
-    run_training.seconds = time.perf_counter() - started  # the training itself
-    return out.split("DIGEST ")[1].strip()
 
 
 @pytest.mark.parametrize("optimizer,kills", [("adamw", 5), ("fused", 2)])

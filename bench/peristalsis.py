@@ -470,7 +470,7 @@ def run_size(model: str, cfg: dict, n: int, reps: int, work: Path, contenders: l
     res = {"n": n, "reps": reps, "contenders": {}, "rounds": []}
     workers = {}
     for c in contenders:
-        spec = {"model": model, "model_dir": cfg["model_dir"], "n": n, "ns_all": cfg["ns"], "contender": c,
+        spec = {"model": model, "model_dir": cfg["model_dir"], "n": n, "ns_all": cfg.get("ns_all", cfg["ns"]), "contender": c,
                 "work": str(work), "memory_budget_gib": cfg["memory_budget_gib"],
                 "sample_tokens": cfg.get("sample_tokens"), "calibrate_batch_tokens": cfg.get("calibrate_batch_tokens")}
         log(f"[{model} N={n}] start {c}")
@@ -632,16 +632,25 @@ def main_run(args) -> None:
     def log(msg):
         print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
 
+    previous = json.loads(out_path.read_text()) if args.merge and out_path.exists() else None
     result = {"benchmark": "bench/peristalsis.py", "created": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": " ".join(sys.argv), "smoke": args.smoke, "machine": machine(),
               "settings": {"threads": THREADS, "pass_batch_tokens": PASS_BATCH_TOKENS, "part_tokens": PART_TOKENS,
                            "train_layers": TRAIN_LAYERS, "warmup_samples": WARMUP_SAMPLES,
                            "contenders": args.contenders},
               "notes": NOTES, "models": {}}
+    if previous:
+        result["models"] = dict(previous.get("models", {}))
+        result["total_wall_seconds"] = previous.get("total_wall_seconds")
+        result["merged_runs"] = previous.get("merged_runs", [{"created": previous.get("created"), "command": previous.get("command"),
+                                                              "machine": previous.get("machine")}])
     for model in args.models:
         cfg = dict(MODELS[model])
         if args.smoke:
             cfg.update(SMOKE[model])
+        if args.ns:
+            cfg["ns_all"] = cfg["ns"]
+            cfg["ns"] = [n for n in args.ns if n in cfg["reps"]]
         mwork = work / model
         (mwork / "logs").mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
@@ -653,20 +662,29 @@ def main_run(args) -> None:
         cfg["reps"] = {str(k): v for k, v in cfg["reps"].items()}
         mres = {k: v for k, v in cfg.items() if k != "work"}
         mres["sizes"] = {}
+        if previous and model in previous.get("models", {}):
+            old = previous["models"][model]
+            mres = {**old, "earlier_runs": old.get("earlier_runs", {})}
+            for n in cfg["ns"]:
+                if str(n) in old.get("sizes", {}):
+                    mres["earlier_runs"].setdefault(str(n), []).append(old["sizes"][str(n)])
         result["models"][model] = mres
         for n in cfg["ns"]:
             mres["sizes"][str(n)] = run_size(model, cfg, n, cfg["reps"][str(n)], mwork, args.contenders,
                                              lambda m: log(m))
+            mres["sizes"][str(n)]["created"] = datetime.datetime.now().isoformat(timespec="seconds")
             add_airllm_budget(mres, n)
-            mres["wall_seconds"] = time.perf_counter() - t0
-            result["total_wall_seconds"] = time.perf_counter() - t_start
+            mres["merge_wall_seconds" if previous else "wall_seconds"] = time.perf_counter() - t0
+            result["merge_total_wall_seconds" if previous else "total_wall_seconds"] = time.perf_counter() - t_start
             write_json(out_path, result)
-        mres["wall_seconds"] = time.perf_counter() - t0
+        mres["merge_wall_seconds" if previous else "wall_seconds"] = time.perf_counter() - t0
         if not args.keep_work:
             shutil.rmtree(mwork, ignore_errors=True)  # the synthetic model, AirLLM's split, caches
         log(f"[{model}] done in {mres['wall_seconds'] / 60:.1f} min")
     result["machine"]["loadavg_at_end"] = os.getloadavg()
-    result["total_wall_seconds"] = time.perf_counter() - t_start
+    if previous:
+        result["merged_runs"].append({"created": result["created"], "command": result["command"], "machine": result["machine"]})
+    result["merge_total_wall_seconds" if previous else "total_wall_seconds"] = time.perf_counter() - t_start
     write_json(out_path, result)
     if not args.keep_work:
         shutil.rmtree(work, ignore_errors=True)
@@ -769,6 +787,9 @@ def parse_args(argv=None):
     p.add_argument("--work", default="/tmp/pelatun_bench", help="scratch folder (deleted afterwards)")
     p.add_argument("--keep-work", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, to check the plumbing")
+    p.add_argument("--ns", help="comma list of N to run (default: each model's own list)")
+    p.add_argument("--merge", action="store_true", help="update the sizes run in the existing --out JSON (the results "
+                   "they replace are kept under the model's 'earlier_runs'), leaving everything else as it is")
     p.add_argument("--table", nargs="?", const=str(RESULTS), help="print the Markdown table of a results JSON and exit")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -776,6 +797,7 @@ def parse_args(argv=None):
         a.out = "/tmp/pelatun_bench_smoke.json"  # never overwrite the real results with smoke numbers
     a.models = [m for m in a.models.split(",") if m]
     a.contenders = [c for c in a.contenders.split(",") if c]
+    a.ns = [int(n) for n in a.ns.split(",")] if a.ns else None
     for m in a.models:
         if m not in MODELS:
             p.error(f"unknown model {m!r}")

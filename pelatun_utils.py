@@ -148,6 +148,49 @@ def write_json_atomic(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def set_malloc(mmap_threshold: int, trim_threshold: int) -> bool:
+    """On Linux/glibc, fix malloc's mmap and trim thresholds (bytes); True if set, False elsewhere."""
+    if not Path("/proc/self/status").exists():
+        return False
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, mmap_threshold)) and bool(libc.mallopt(-1, trim_threshold))  # M_MMAP_, M_TRIM_
+    except (OSError, AttributeError):
+        return False
+
+
+def return_freed_memory() -> bool:
+    """Training on a CPU: give every freed block of 64 KiB or more straight back to the OS; True if set.
+
+    glibc otherwise keeps freed tensor memory in its heap for reuse, and a CPU training step's peak RSS was
+    measured 40% above its live tensors (SmolLM2-sized lm_head, T=1024). With this the peak RSS follows the live
+    tensors, which predict_train_peak counts.
+    """
+    return set_malloc(64 << 10, 128 << 10)
+
+
+def keep_freed_memory() -> bool:
+    """The pass on a CPU: keep freed blocks of up to 64 MiB in the heap for the next batch; True if set.
+
+    By default glibc maps a large activation fresh from the OS and zero-fills its pages on first touch: on
+    2 cores SmolLM2's forward spent a quarter of its CPU time in those page faults (bench/peristalsis.py notes).
+    Larger tensors are still mapped fresh: there a block's matmuls dwarf the faults, and keeping them in the
+    heap fragments it (measured on the 7B shape). `release_freed_memory()` gives the heap back afterwards.
+    """
+    return set_malloc(64 << 20, 128 << 20)
+
+
+def release_freed_memory() -> None:
+    """Give the heap's free memory back to the OS (glibc malloc_trim), so RSS drops to what is alive."""
+    if Path("/proc/self/status").exists():
+        import ctypes
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. Models
 
@@ -906,19 +949,25 @@ class BlockRunner:
         position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
         masks = self.masks(x, attention_mask, position_ids)
         pos = self.rotary(x, position_ids)
+        y = x
         for i, block in blocks:
-            x = block(x, attention_mask=masks[self.layer_type(i)], position_ids=position_ids,
+            y = block(y, attention_mask=masks[self.layer_type(i)], position_ids=position_ids,
                       position_embeddings=pos)
-            if round_to is not None and round_to != x.dtype:
-                x = check_finite(x.to(round_to), i).to(self.dtype)
-        return x
+            if round_to is not None and round_to != y.dtype:
+                y = y.to(round_to).to(self.dtype)
+        # an inf (16-bit overflow) turns into NaN in the next block's norm, so one check per batch finds it;
+        # only then are the blocks rerun one at a time, to name the first one that overflowed
+        if len(blocks) > 1 and not torch.isfinite(y).all():
+            for i, block in blocks:
+                x = self.run([(i, block)], x, attention_mask, round_to)
+        return check_finite(y, blocks[-1][0], round_to)
 
 
-def check_finite(x: torch.Tensor, layer: int) -> torch.Tensor:
+def check_finite(x: torch.Tensor, layer: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Refuse hidden states that overflow the storage dtype or are NaN, with advice; returns x."""
     if not torch.isfinite(x).all():
         raise PelatunError(
-            f"Hidden states after layer {layer} are inf/NaN in {dtype_name(x.dtype)}. Use a wider dtype: "
+            f"Hidden states after layer {layer} are inf/NaN in {dtype_name(dtype or x.dtype)}. Use a wider dtype: "
             f"bfloat16 or float32 weights (a float16 model overflowing: convert it to bfloat16), or DTYPE='float32'.")
     return x
 
@@ -1021,6 +1070,13 @@ def run_part(runner: BlockRunner, blocks: list[tuple[int, torch.nn.Module]], hid
     return out
 
 
+def free_blocks(keep: int) -> None:
+    """Collect garbage only when more than `keep` decoder layers survive their last reference (a full
+    collection takes a few hundred ms with transformers imported)."""
+    if len(LIVE_BLOCKS) > keep:
+        gc.collect()
+
+
 def load_group(weights: Weights, layers: range, device: torch.device, dtype: torch.dtype, states=None) -> dict:
     """{i: decoder layer i} for the layers of a group, from states read ahead when given."""
     return {i: weights.load_block(i, device, dtype, state=None if states is None else states[i]) for i in layers}
@@ -1042,6 +1098,8 @@ def peristalsis(cache: Cache, weights: Weights, target_layer: int, device: torch
     if cache.layer() < 0:
         raise PelatunError("Some parts of the cache are not embedded yet: run embed() first.")
     runner = BlockRunner(weights.config, device, dtype)
+    if device.type == "cpu":
+        keep_freed_memory()
     if keep_in_ram and cache.ram is None:
         cache.ram = {}
     t0, read0, written0, weights0 = time.perf_counter(), cache.bytes_read, cache.bytes_written, weights.bytes_read
@@ -1057,7 +1115,7 @@ def peristalsis(cache: Cache, weights: Weights, target_layer: int, device: torch
             ahead = prefetch.submit(read_group, weights, nxt) if len(nxt) else None
             if ahead is not None:
                 ahead.layers = nxt
-            gc.collect()
+            free_blocks(end - start)
             stats.max_live_blocks = max(stats.max_live_blocks, len(LIVE_BLOCKS))
             assert len(LIVE_BLOCKS) <= end - start, f"{len(LIVE_BLOCKS)} blocks in memory, expected {end - start}"
             todo = [(s, p) for s, p in cache.parts() if p["layer"] < end]
@@ -1073,10 +1131,11 @@ def peristalsis(cache: Cache, weights: Weights, target_layer: int, device: torch
             stats.groups.append([start, end])
             bar.update(end - start)
             del blocks, group  # free the group before the next one loads
-            gc.collect()
+            free_blocks(0)
     finally:
         bar.close()
         prefetch.shutdown(wait=True, cancel_futures=True)
+        release_freed_memory()
     stats.hidden_bytes_read = cache.bytes_read - read0
     stats.hidden_bytes_written = cache.bytes_written - written0
     stats.weight_bytes_read = weights.bytes_read - weights0
@@ -1113,23 +1172,28 @@ def current_memory(device: torch.device) -> int:
 
 def pass_memory(config, g: int, more_groups: bool, device: torch.device, dtype: torch.dtype, weight_dtype: torch.dtype,
                 batch_tokens: int, part_bytes: int, ram_bytes: int, baseline: int) -> dict:
-    """Predicted peak of a pass running g blocks per group: named parts in bytes, and their total."""
+    """Predicted peak of a pass running g blocks per group, in bytes by named part: the larger of its two
+    moments, loading a group (raw and converted tensors both alive) and running a batch through it."""
     block = block_parameter_count(config)
     h, inter = config.hidden_size, config.intermediate_size
-    on_device = {
-        "baseline": baseline,
-        "blocks": g * block * dtype.itemsize,
-        "batch activations": batch_tokens * (8 * h + 3 * inter) * dtype.itemsize,
+    cuda = device.type == "cuda"
+    raw = g * block * weight_dtype.itemsize  # as read from the shards, on the host
+    device_parts = {"baseline": baseline, "blocks": g * block * dtype.itemsize}
+    moments = {
+        "loading a group": ({}, {"raw group being converted": raw if cuda or dtype != weight_dtype else 0,
+                                 "hidden states in RAM": ram_bytes}),
+        "running a batch": ({"batch activations": batch_tokens * (8 * h + 3 * inter) * dtype.itemsize},
+                            {"next group read ahead": raw if more_groups else 0, "part buffers": 6 * part_bytes,
+                             "hidden states in RAM": ram_bytes}),
     }
-    host = {
-        "weights read ahead": (g * block * weight_dtype.itemsize) if more_groups else 0,
-        "block being converted": block * weight_dtype.itemsize,
-        "part buffers": 6 * part_bytes,
-        "hidden states in RAM": ram_bytes,
-    }
-    parts = {**on_device, **host} if device.type != "cuda" else on_device
-    return {"parts": parts, "total": sum(parts.values()),
-            "host_total": sum(host.values()) if device.type == "cuda" else sum(parts.values())}
+    totals = {}
+    for name, (dev, host) in moments.items():
+        dev = {**device_parts, **dev}
+        parts = dev if cuda else {**dev, **host}
+        totals[name] = {"moment": name, "parts": parts, "total": sum(parts.values()),
+                        "host_total": sum(host.values()) if cuda else sum(parts.values())}
+    peak = max(totals.values(), key=lambda m: m["total"])
+    return {**peak, "host_total": max(m["host_total"] for m in totals.values())}
 
 
 def plan_pass(cache: Cache, config, target_layer: int, device: torch.device, dtype: torch.dtype,
@@ -1525,22 +1589,6 @@ def make_optimizer(model: TopModel, name: str, *, lr: float, weight_decay: float
     raise PelatunError(f"OPTIMIZER={name!r} is not one of {', '.join(map(repr, OPTIMIZERS))}.")
 
 
-def return_freed_memory() -> bool:
-    """On Linux/glibc, give every freed block of 64 KiB or more straight back to the OS; True if set.
-
-    glibc otherwise keeps freed tensor memory in its heap for reuse, and a CPU training step's peak RSS was
-    measured 40% above its live tensors (SmolLM2-sized lm_head, T=1024). With this the peak RSS follows the live
-    tensors, which predict_train_peak counts, at no measured cost in speed.
-    """
-    if not Path("/proc/self/status").exists():
-        return False
-    import ctypes
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16))  # M_MMAP_THRESHOLD = 64 KiB, fixed
-    except (OSError, AttributeError):
-        return False
-
-
 def with_last(items) -> Iterator[tuple[bool, object]]:
     """(is_last, item) for each item, looking one ahead."""
     end = object()
@@ -1812,10 +1860,21 @@ def predict_train_peak(config, train_layers: int, tokens: int, optimizer: str = 
     # 4. Phases: the loss backward, the fused update of the lm_head (inside backward), the top block's backward
     # (lm_head gradient done), the optimizer update (all gradients); the state is there in each once it exists.
     held = weights if micro_batches > 1 else 0  # gradients accumulated over the step's earlier samples
-    new_grads = held + largest if held else largest if optimizer == "fused" else lm + L * sum(block) * mb
     loss_phase = acts_loss + held + logits + autocast_copies
     fused_phase = acts_loss + (held or lm) + temp + autocast_copies if optimizer == "fused" else 0
-    top_phase = acts_top + new_grads + autocast_copies
+    if held or optimizer == "fused":  # one new gradient at a time joins what is held
+        top_phase = acts_top + held + largest + autocast_copies
+    else:  # the blocks' backward, top block first: gradients accumulate while the activations are freed
+        ckpt = checkpoint and L > 1
+        this = T * per_layer + (T * H * cb if ckpt else 0)  # the block in backward (recomputed, if checkpointed)
+        kept = T * H * cb if ckpt else T * per_layer  # each block below it
+        stages = []
+        for j in range(L):
+            below, done = T * shared + (L - 1 - j) * kept, lm + j * sum(block) * mb
+            stages += [below + this + T * (2 * I + 2 * H) * cb + done,  # MLP backward starts
+                       below + this - T * 4 * I * cb + T * 2 * H * cb + done + 3 * H * I * mb,  # MLP done
+                       below + T * 3 * H * cb + done + sum(block) * mb]  # attention done
+        top_phase = max(stages) + autocast_copies
     step_phase = 0 if optimizer == "fused" else grads + temp
     base = (0 if cuda else CPU_BASELINE_BYTES) if baseline is None else baseline
     fixed = base + weights

@@ -15,6 +15,7 @@ Phases (T = 4096 tokens, one sample [1, T, hidden]):
           the matrix + one part of T hidden states (plan_pass's peak_memory_embed counts 6 part buffers for
           its reader/writer queues; here there is one part).
   block   load_block in the compute dtype + BlockRunner.run on [1, T, hidden], as the pass does per block.
+          Six batches of 1024-4096 tokens (the heap is kept for reuse, as the pass does: keep_freed_memory).
           Predicted: pass_memory(config, 1 block, ...) with no part buffers (none here) + the input and output
           [1, T, hidden] tensors.
   train   TopModel + make_optimizer + two train_step's on one random sample with random labels < 32000, as
@@ -52,7 +53,8 @@ RESULTS = ROOT / "bench" / "results" / "memory.json"
 GiB = 1 << 30
 T = 4096
 THREADS = 2
-MAX_PROCESS_BYTES = 10 * GiB  # never start a CPU variant predicted above this (shared machine)
+BLOCK_BATCHES = [T, T // 2, T, T // 4, 3 * T // 4, T]  # token counts of the block phase's batches
+MAX_PROCESS_BYTES = 12 * GiB  # never start a CPU variant predicted above this (shared machine)
 
 MODELS = {  # name -> make_synthetic arguments
     "7b": dict(shape="7b", layers=2),
@@ -72,14 +74,16 @@ VARIANTS = [
                                          "chunk_tokens": 1024, "checkpoint": False}, 5 * GiB, 400),
     ("train70b_top_adafactor_bf16", "train", "70b_top", {"train_layers": 1, "optimizer": "adafactor",
                                                          "master_dtype": "bfloat16", "chunk_tokens": 1024,
-                                                         "checkpoint": False}, 8 * GiB, 900),
+                                                         "checkpoint": False}, 8 * GiB, 1500),
+    ("train7b_L2_adafactor_ckpt", "train", "7b", {"train_layers": 2, "optimizer": "adafactor", "master_dtype": "float32",
+                                                  "chunk_tokens": 1024, "checkpoint": True}, None, 600),
     ("train7b_L2_fused_ckpt", "train", "7b", {"train_layers": 2, "optimizer": "fused", "master_dtype": "float32",
                                               "chunk_tokens": 1024, "checkpoint": True}, None, 600),
     ("train7b_L1_fused_bf16", "train", "7b", {"train_layers": 1, "optimizer": "fused", "master_dtype": "bfloat16",
                                               "chunk_tokens": 1024, "checkpoint": False}, 5 * GiB, 400),
     ("train70b_top_fused_bf16", "train", "70b_top", {"train_layers": 1, "optimizer": "fused",
                                                      "master_dtype": "bfloat16", "chunk_tokens": 1024,
-                                                     "checkpoint": False}, 8 * GiB, 900),
+                                                     "checkpoint": False}, 8 * GiB, 1500),
     ("train7b_L2_adamw_ckpt", "train", "7b", {"train_layers": 2, "optimizer": "adamw", "master_dtype": "float32",
                                               "chunk_tokens": 1024, "checkpoint": True}, None, 600),
 ]
@@ -119,12 +123,17 @@ def worker(a: dict) -> dict:
         out["peak"], out["kind"] = pu.peak_memory(device)
     elif a["phase"] == "block":
         dtype = getattr(torch, a["compute"])
+        if not cuda:
+            pu.keep_freed_memory()  # as peristalsis() does on CPU
         runner = pu.BlockRunner(config, device, dtype)
-        x = torch.randn(1, T, H, dtype=dtype, device=device)
         pu.peak_memory_reset(device)
         block = weights.load_block(config.num_hidden_layers - 1, device, dtype)
-        y = runner.run([(config.num_hidden_layers - 1, block)], x, None, round_to=stored)
-        pu.sync(device)
+        out["peaks"] = [pu.peak_memory(device)[0]]  # after loading
+        for t in BLOCK_BATCHES:  # batches of several lengths, as a pass runs them: the heap's reuse shows
+            x = torch.randn(1, t, H, dtype=dtype, device=device)
+            y = runner.run([(config.num_hidden_layers - 1, block)], x, None, round_to=stored)
+            pu.sync(device)
+            out["peaks"].append(pu.peak_memory(device)[0])
         out["checksum"] = float(y.float().abs().mean())
         out["peak"], out["kind"] = pu.peak_memory(device)
     else:  # train

@@ -33,6 +33,7 @@ Usage:
   python bench/memory.py --budget-minutes 30  # skip the variants that no longer fit the time
   python bench/memory.py --device cuda        # the same on a GPU (fp16 compute, autocast, max_memory_allocated)
   python bench/memory.py --table              # Markdown table from bench/results/memory.json
+  python bench/memory.py --repredict          # the planner's predictions again for the measured rows
 """
 from __future__ import annotations
 
@@ -271,14 +272,39 @@ def run_variant(v: tuple, model_dir: Path, device: str, timeout: float) -> dict:
     got = json.loads(r.stdout.strip().splitlines()[-1])
     row["measured_bytes"], row["kind"] = got.pop("peak"), got.pop("kind")
     row["worker"] = got
-    row["ratio"] = round(row["measured_bytes"] / row["predicted_bytes"], 3)
-    row["planner_within_15pct"] = abs(row["ratio"] - 1) <= 0.15
     if phase == "train" and got.get("peaks"):
         row["measured_first_step_bytes"] = got["peaks"][0]
-        row["ratio_first_step"] = round(got["peaks"][0] / pred["first_step"], 3)
-    if target is not None:
-        row["pass"] = row["measured_bytes"] <= target
+    return score(row, pred)
+
+
+def score(row: dict, pred: dict) -> dict:
+    """Set a measured row's prediction, ratio, planner_within_15pct and pass."""
+    row["predicted_bytes"], row["predicted_parts"] = pred["total"], pred["parts"]
+    row["ratio"] = round(row["measured_bytes"] / row["predicted_bytes"], 3)
+    row["planner_within_15pct"] = abs(row["ratio"] - 1) <= 0.15
+    if "first_step" in pred:
+        row["predicted_first_step_bytes"] = pred["first_step"]
+        if "measured_first_step_bytes" in row:
+            row["ratio_first_step"] = round(row["measured_first_step_bytes"] / pred["first_step"], 3)
+    if row.get("target_bytes") is not None:
+        row["pass"] = row["measured_bytes"] <= row["target_bytes"]
     return row
+
+
+def repredict(results: dict, tmp: Path) -> dict:
+    """Recompute every measured row's prediction with the current planner (config.json only, no weights)."""
+    from make_synthetic import make_config, write_config
+    for shape, kw in MODELS.items():
+        (tmp / shape).mkdir(parents=True, exist_ok=True)
+        write_config(make_config(**kw), tmp / shape, "float16")
+    for row in results["rows"]:
+        if "measured_bytes" in row:
+            score(row, predict(row["phase"], tmp / row["model"], row["settings"], row.get("device", "cpu")))
+    order = {v[0]: k for k, v in enumerate(VARIANTS)}
+    results["rows"].sort(key=lambda r: order.get(r["id"], len(order)))
+    results["summary"] = summarize(results["rows"])
+    results["repredicted"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return results
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -353,6 +379,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tmp", default="/tmp/pelatun-memory-bench", help="where the synthetic models go (deleted)")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/memory.json)")
     ap.add_argument("--keep", action="store_true", help="keep the measured rows of the results JSON, run the others")
+    ap.add_argument("--repredict", action="store_true", help="recompute the predictions of the measured rows with "
+                    "the current planner (no measuring), e.g. after changing it")
     ap.add_argument("--table", action="store_true", help="print the Markdown table of the results JSON")
     a = ap.parse_args(argv)
     global RESULTS
@@ -365,6 +393,13 @@ def main(argv=None) -> None:
         print(markdown_table(json.loads(RESULTS.read_text())))
         return
     sys.path.insert(0, str(ROOT / "bench"))
+    if a.repredict:
+        try:
+            write(repredict(json.loads(RESULTS.read_text()), Path(a.tmp)))
+        finally:
+            shutil.rmtree(a.tmp, ignore_errors=True)
+        print(markdown_table(json.loads(RESULTS.read_text())))
+        return
     from make_synthetic import make_synthetic
     start = time.perf_counter()
     variants = [v for v in VARIANTS if not a.only or v[0] in a.only.split(",")]

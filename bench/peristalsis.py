@@ -607,6 +607,11 @@ NOTES = [
     "was about a quarter of SmolLM2's forward CPU time here. floor, AirLLM and accelerate run with glibc's defaults, "
     "as a transformers user gets them; floor_malloc is the floor with PeLaTun's setting, so 'PeLaTun / floor_malloc' "
     "is the cost of the pass itself (weight loading, per-block rounding, the cache) with the allocator equal.",
+    "floor_malloc was run for SmolLM2 and in the first syn7b run; the syn7b sizes were rerun (--merge) without it: "
+    "a sixth resident worker of 4 GiB left too little page cache for the weight files. Even with five, PeLaTun's "
+    "planned syn7b pass (3 blocks per group, 3.1 GiB peak) ran 2x slower here than in a run with only pelatun, "
+    "pelatun_bpp1 and floor resident (2.68 s vs the floor's 1.88 s at N=16, level with pelatun_bpp1): the grouped "
+    "pass is sensitive to memory held by the other workers; not yet explained.",
     "All weight files are in the page cache after the warm-up (24 GiB RAM holds them all): disk reads here are memory "
     "copies. On a cold or slow disk AirLLM and accelerate, which re-read every block for every forward call, would fall "
     "further behind; PeLaTun reads each block once per pass.",

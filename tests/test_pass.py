@@ -200,3 +200,21 @@ def test_read_activations_layout(tiny_model, tmp_path):
             assert hidden.shape == (len(s.ids), 64) and hidden.dtype == np.float32
     with pytest.raises(pu.PelatunError, match="no split 'test'"):
         next(pu.read_activations(cache.dir, "test"))
+
+
+def test_pass_memory_is_the_larger_moment(tiny_model):
+    """The pass's predicted peak is loading a group or running a batch, whichever is larger, not their sum."""
+    config = pu.read_config(tiny_model("llama"))
+    cpu = torch.device("cpu")
+    block = pu.block_parameter_count(config)
+    args = dict(part_bytes=1000, ram_bytes=0, baseline=0)
+    # converting fp16 weights to fp32, tiny batch: loading peaks (2-byte raw + 4-byte converted group)
+    m = pu.pass_memory(config, 2, False, cpu, torch.float32, torch.float16, batch_tokens=1, **args)
+    assert m["moment"] == "loading a group" and m["total"] == 2 * block * (4 + 2)
+    # a big batch: running peaks, and the raw group is gone by then
+    m = pu.pass_memory(config, 2, False, cpu, torch.float32, torch.float16, batch_tokens=4096, **args)
+    assert m["moment"] == "running a batch" and "raw group being converted" not in m["parts"]
+    assert m["total"] == 2 * block * 4 + m["parts"]["batch activations"] + 6 * 1000
+    # computing in the stored dtype on a CPU converts nothing: no second copy while loading
+    m = pu.pass_memory(config, 2, False, cpu, torch.float32, torch.float32, batch_tokens=1, **args)
+    assert m["total"] == max(2 * block * 4, 2 * block * 4 + m["parts"].get("batch activations", 0) + 6000)

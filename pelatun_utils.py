@@ -148,16 +148,22 @@ def write_json_atomic(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def set_malloc(mmap_threshold: int, trim_threshold: int) -> bool:
-    """On Linux/glibc, fix malloc's mmap and trim thresholds (bytes); True if set, False elsewhere."""
+def glibc():
+    """The C library when it is Linux's glibc (mallopt, malloc_trim), else None."""
     if not Path("/proc/self/status").exists():
-        return False
+        return None
     import ctypes
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, mmap_threshold)) and bool(libc.mallopt(-1, trim_threshold))  # M_MMAP_, M_TRIM_
-    except (OSError, AttributeError):
-        return False
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def set_malloc(mmap_threshold: int, trim_threshold: int) -> bool:
+    """On Linux/glibc, fix malloc's mmap and trim thresholds (bytes); True if set, False elsewhere."""
+    libc = glibc()
+    return libc is not None and bool(libc.mallopt(-3, mmap_threshold)) and bool(libc.mallopt(-1, trim_threshold))
 
 
 def return_freed_memory() -> bool:
@@ -183,12 +189,8 @@ def keep_freed_memory() -> bool:
 
 def release_freed_memory() -> None:
     """Give the heap's free memory back to the OS (glibc malloc_trim), so RSS drops to what is alive."""
-    if Path("/proc/self/status").exists():
-        import ctypes
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    if (libc := glibc()) is not None:
+        libc.malloc_trim(0)
 
 
 # ----------------------------------------------------------------------------------------------

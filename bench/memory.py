@@ -62,31 +62,27 @@ MODELS = {  # name -> make_synthetic arguments
     "70b_top": dict(shape="70b", keep_last=1),
 }
 
+
+def train(vid: str, model: str, layers: int, optimizer: str, master: str, checkpoint: bool, target, timeout: int) -> tuple:
+    """A training variant: one step's settings (chunked loss of 1024 tokens)."""
+    return (vid, "train", model, {"train_layers": layers, "optimizer": optimizer, "master_dtype": master,
+                                  "chunk_tokens": 1024, "checkpoint": checkpoint}, target, timeout)
+
+
 # id, phase, model, settings, target (bytes or None), seconds it may take on 2 CPU cores (timeout)
 VARIANTS = [
     ("embed7b", "embed", "7b", {}, None, 120),
     ("block7b_fp32", "block", "7b", {"compute": "float32"}, None, 300),
     ("block7b_bf16", "block", "7b", {"compute": "bfloat16"}, 1.5 * GiB, 300),
-    ("train7b_L1_adamw", "train", "7b", {"train_layers": 1, "optimizer": "adamw", "master_dtype": "float32",
-                                         "chunk_tokens": 1024, "checkpoint": False}, 7 * GiB, 540),
-    ("train7b_L1_adafactor", "train", "7b", {"train_layers": 1, "optimizer": "adafactor", "master_dtype": "float32",
-                                             "chunk_tokens": 1024, "checkpoint": False}, 5 * GiB, 480),
-    ("train7b_L1_fused", "train", "7b", {"train_layers": 1, "optimizer": "fused", "master_dtype": "float32",
-                                         "chunk_tokens": 1024, "checkpoint": False}, 5 * GiB, 400),
-    ("train70b_top_adafactor_bf16", "train", "70b_top", {"train_layers": 1, "optimizer": "adafactor",
-                                                         "master_dtype": "bfloat16", "chunk_tokens": 1024,
-                                                         "checkpoint": False}, 8 * GiB, 1500),
-    ("train7b_L2_adafactor_ckpt", "train", "7b", {"train_layers": 2, "optimizer": "adafactor", "master_dtype": "float32",
-                                                  "chunk_tokens": 1024, "checkpoint": True}, None, 600),
-    ("train7b_L2_fused_ckpt", "train", "7b", {"train_layers": 2, "optimizer": "fused", "master_dtype": "float32",
-                                              "chunk_tokens": 1024, "checkpoint": True}, None, 600),
-    ("train7b_L1_fused_bf16", "train", "7b", {"train_layers": 1, "optimizer": "fused", "master_dtype": "bfloat16",
-                                              "chunk_tokens": 1024, "checkpoint": False}, 5 * GiB, 400),
-    ("train70b_top_fused_bf16", "train", "70b_top", {"train_layers": 1, "optimizer": "fused",
-                                                     "master_dtype": "bfloat16", "chunk_tokens": 1024,
-                                                     "checkpoint": False}, 8 * GiB, 1500),
-    ("train7b_L2_adamw_ckpt", "train", "7b", {"train_layers": 2, "optimizer": "adamw", "master_dtype": "float32",
-                                              "chunk_tokens": 1024, "checkpoint": True}, None, 600),
+    train("train7b_L1_adamw", "7b", 1, "adamw", "float32", False, 7 * GiB, 540),
+    train("train7b_L1_adafactor", "7b", 1, "adafactor", "float32", False, 5 * GiB, 480),
+    train("train7b_L1_fused", "7b", 1, "fused", "float32", False, 5 * GiB, 400),
+    train("train70b_top_adafactor_bf16", "70b_top", 1, "adafactor", "bfloat16", False, 8 * GiB, 1500),
+    train("train7b_L2_adafactor_ckpt", "7b", 2, "adafactor", "float32", True, None, 600),
+    train("train7b_L2_fused_ckpt", "7b", 2, "fused", "float32", True, None, 600),
+    train("train7b_L1_fused_bf16", "7b", 1, "fused", "bfloat16", False, 5 * GiB, 400),
+    train("train70b_top_fused_bf16", "70b_top", 1, "fused", "bfloat16", False, 8 * GiB, 1500),
+    train("train7b_L2_adamw_ckpt", "7b", 2, "adamw", "float32", True, None, 600),
 ]
 TARGET_NOTES = {
     "block": "7B peristaltic block <= 1.5 GiB (GPU path: 16-bit compute)",
@@ -240,9 +236,7 @@ def run_variant(v: tuple, model_dir: Path, device: str, timeout: float) -> dict:
     row = {"id": vid, "phase": phase, "shape": {"7b": "Llama-2-7B", "70b_top": "Llama-2-70B top block + norm + lm_head"}[shape],
            "model": shape, "settings": {"tokens": T, **s}, "device": device}
     pred = predict(phase, model_dir, s, device)
-    row["predicted_bytes"], row["predicted_parts"] = pred["total"], pred["parts"]
-    if "first_step" in pred:
-        row["predicted_first_step_bytes"] = pred["first_step"]
+    set_prediction(row, pred)
     target, note = target_of(vid, phase, shape, s, device)
     row["target_bytes"], row["target"] = target, note
     if device == "cpu" and pred["total"] > MAX_PROCESS_BYTES:
@@ -277,15 +271,20 @@ def run_variant(v: tuple, model_dir: Path, device: str, timeout: float) -> dict:
     return score(row, pred)
 
 
-def score(row: dict, pred: dict) -> dict:
-    """Set a measured row's prediction, ratio, planner_within_15pct and pass."""
+def set_prediction(row: dict, pred: dict) -> None:
+    """Put the planner's prediction into a row."""
     row["predicted_bytes"], row["predicted_parts"] = pred["total"], pred["parts"]
-    row["ratio"] = round(row["measured_bytes"] / row["predicted_bytes"], 3)
-    row["planner_within_15pct"] = abs(row["ratio"] - 1) <= 0.15
     if "first_step" in pred:
         row["predicted_first_step_bytes"] = pred["first_step"]
-        if "measured_first_step_bytes" in row:
-            row["ratio_first_step"] = round(row["measured_first_step_bytes"] / pred["first_step"], 3)
+
+
+def score(row: dict, pred: dict) -> dict:
+    """Set a measured row's prediction, ratio, planner_within_15pct and pass."""
+    set_prediction(row, pred)
+    row["ratio"] = round(row["measured_bytes"] / row["predicted_bytes"], 3)
+    row["planner_within_15pct"] = abs(row["ratio"] - 1) <= 0.15
+    if "first_step" in pred and "measured_first_step_bytes" in row:
+        row["ratio_first_step"] = round(row["measured_first_step_bytes"] / pred["first_step"], 3)
     if row.get("target_bytes") is not None:
         row["pass"] = row["measured_bytes"] <= row["target_bytes"]
     return row

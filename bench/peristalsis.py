@@ -646,6 +646,8 @@ def main_run(args) -> None:
         print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
 
     previous = json.loads(out_path.read_text()) if args.merge and out_path.exists() else None
+    # a merge keeps the first run's wall times and records its own beside them
+    wall, total = ("merge_wall_seconds", "merge_total_wall_seconds") if previous else ("wall_seconds", "total_wall_seconds")
     result = {"benchmark": "bench/peristalsis.py", "created": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": " ".join(sys.argv), "smoke": args.smoke, "machine": machine(),
               "settings": {"threads": THREADS, "pass_batch_tokens": PASS_BATCH_TOKENS, "part_tokens": PART_TOKENS,
@@ -687,17 +689,17 @@ def main_run(args) -> None:
                                              lambda m: log(m))
             mres["sizes"][str(n)]["created"] = datetime.datetime.now().isoformat(timespec="seconds")
             add_airllm_budget(mres, n)
-            mres["merge_wall_seconds" if previous else "wall_seconds"] = time.perf_counter() - t0
-            result["merge_total_wall_seconds" if previous else "total_wall_seconds"] = time.perf_counter() - t_start
+            mres[wall] = time.perf_counter() - t0
+            result[total] = time.perf_counter() - t_start
             write_json(out_path, result)
-        mres["merge_wall_seconds" if previous else "wall_seconds"] = time.perf_counter() - t0
+        mres[wall] = time.perf_counter() - t0
         if not args.keep_work:
             shutil.rmtree(mwork, ignore_errors=True)  # the synthetic model, AirLLM's split, caches
-        log(f"[{model}] done in {mres['wall_seconds'] / 60:.1f} min")
+        log(f"[{model}] done in {mres[wall] / 60:.1f} min")
     result["machine"]["loadavg_at_end"] = os.getloadavg()
     if previous:
         result["merged_runs"].append({"created": result["created"], "command": result["command"], "machine": result["machine"]})
-    result["merge_total_wall_seconds" if previous else "total_wall_seconds"] = time.perf_counter() - t_start
+    result[total] = time.perf_counter() - t_start
     write_json(out_path, result)
     if not args.keep_work:
         shutil.rmtree(work, ignore_errors=True)

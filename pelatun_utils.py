@@ -179,8 +179,9 @@ def return_freed_memory() -> bool:
 def keep_freed_memory() -> bool:
     """The pass on a CPU: keep freed blocks of up to 64 MiB in the heap for the next batch; True if set.
 
-    By default glibc maps a large activation fresh from the OS and zero-fills its pages on first touch: on
-    2 cores SmolLM2's forward spent a quarter of its CPU time in those page faults (bench/peristalsis.py notes).
+    By default glibc maps a large activation fresh from the OS and zero-fills its pages on first touch; profiling
+    the pass showed those page faults as a large share of its CPU time (bench/peristalsis.py's floor_malloc row
+    measures what the setting gives an in-memory forward).
     Larger tensors are still mapped fresh: there a block's matmuls dwarf the faults, and keeping them in the
     heap fragments it (measured on the 7B shape). `release_freed_memory()` gives the heap back afterwards.
     """

@@ -603,14 +603,15 @@ NOTES = [
     "Ratios are side by side: in each round every contender runs once (order rotated), ratio = seconds of the other / "
     "seconds of PeLaTun in that round; the JSON gives the per-round ratios and their median.",
     "Allocator: on a CPU PeLaTun's pass keeps freed heap blocks of up to 64 MiB for reuse (pu.keep_freed_memory, "
-    "glibc mallopt); glibc's default maps each large activation fresh and zero-fills its pages on first touch, which "
-    "was about a quarter of SmolLM2's forward CPU time here. floor, AirLLM and accelerate run with glibc's defaults, "
+    "glibc mallopt); glibc's default maps each large activation fresh and zero-fills its pages on first touch "
+    "(profiling the pass showed those page faults as a large share of its CPU time). floor, AirLLM and accelerate run with glibc's defaults, "
     "as a transformers user gets them; floor_malloc is the floor with PeLaTun's setting, so 'PeLaTun / floor_malloc' "
     "is the cost of the pass itself (weight loading, per-block rounding, the cache) with the allocator equal.",
     "floor_malloc was run for SmolLM2 and in the first syn7b run; the syn7b sizes were rerun (--merge) without it: "
     "a sixth resident worker of 4 GiB left too little page cache for the weight files. Even with five, PeLaTun's "
     "planned syn7b pass (3 blocks per group, 3.1 GiB peak) ran 2x slower here than in a run with only pelatun, "
-    "pelatun_bpp1 and floor resident (2.68 s vs the floor's 1.88 s at N=16, level with pelatun_bpp1): the grouped "
+    "pelatun_bpp1 and floor resident (2.68 s vs the floor's 1.88 s at N=16, level with pelatun_bpp1; "
+    "bench/results/peristalsis_syn7b_n16_three_workers.json): the grouped "
     "pass is sensitive to memory held by the other workers; not yet explained.",
     "All weight files are in the page cache after the warm-up (24 GiB RAM holds them all): disk reads here are memory "
     "copies. On a cold or slow disk AirLLM and accelerate, which re-read every block for every forward call, would fall "

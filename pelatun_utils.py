@@ -13,6 +13,7 @@ Sections, in pipeline order:
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import gc
@@ -176,16 +177,18 @@ def return_freed_memory() -> bool:
     return set_malloc(64 << 10, 128 << 10)
 
 
-def keep_freed_memory() -> bool:
-    """The pass on a CPU: keep freed blocks of up to 64 MiB in the heap for the next batch; True if set.
+def keep_freed_memory(batch_bytes: int = 0) -> bool:
+    """The pass on a CPU: keep freed blocks of up to 64 MiB, and up to `batch_bytes` of them in all (one batch's
+    activations; 128 MiB at least), in the heap for the next batch and block; True if set.
 
-    By default glibc maps a large activation fresh from the OS and zero-fills its pages on first touch; profiling
-    the pass showed those page faults as a large share of its CPU time (bench/peristalsis.py's floor_malloc row
-    measures what the setting gives an in-memory forward).
-    Larger tensors are still mapped fresh: there a block's matmuls dwarf the faults, and keeping them in the
-    heap fragments it (measured on the 7B shape). `release_freed_memory()` gives the heap back afterwards.
+    By default glibc maps a large activation fresh from the OS and zero-fills its pages on first touch, and gives the
+    heap's top back once 128 MiB of it are free, which happens between two blocks; profiling the pass showed those
+    page faults as a large share of its CPU time (bench/peristalsis.py's floor_malloc row measures what the setting
+    gives an in-memory forward). Larger tensors are still mapped fresh: there a block's matmuls dwarf the faults,
+    and keeping them in the heap fragments it (measured on the 7B shape). `release_freed_memory()` gives the heap
+    back afterwards.
     """
-    return set_malloc(64 << 20, 128 << 20)
+    return set_malloc(64 << 20, max(128 << 20, batch_bytes))
 
 
 def release_freed_memory() -> None:
@@ -946,10 +949,12 @@ class BlockRunner:
         return "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
 
     @torch.no_grad()
-    def run(self, blocks: list[tuple[int, torch.nn.Module]], x: torch.Tensor, attention_mask: torch.Tensor | None,
-            round_to: torch.dtype | None = None) -> torch.Tensor:
-        """x [B, T, hidden] through the (index, block) pairs, rounding to `round_to` after each block."""
-        position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+    def run(self, blocks: list[tuple[int, torch.nn.Module]], x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+            round_to: torch.dtype | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, hidden] through the (index, block) pairs, rounding to `round_to` after each block. Rows that pack
+        several samples give their positions (restarting at 0 per sample) and no attention mask."""
+        if position_ids is None:
+            position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
         masks = self.masks(x, attention_mask, position_ids)
         pos = self.rotary(x, position_ids)
         y = x
@@ -962,7 +967,7 @@ class BlockRunner:
         # only then are the blocks rerun one at a time, to name the first one that overflowed
         if len(blocks) > 1 and not torch.isfinite(y).all():
             for i, block in blocks:
-                x = self.run([(i, block)], x, attention_mask, round_to)
+                x = self.run([(i, block)], x, attention_mask, round_to, position_ids)
         return check_finite(y, blocks[-1][0], round_to)
 
 
@@ -984,6 +989,7 @@ class PassStats:
     hidden_bytes_written: int = 0
     weight_bytes_read: int = 0
     max_live_blocks: int = 0
+    token_slots: int = 0  # tokens computed by a block, empty slots at the tails of packed rows included
     seconds: float = 0.0
     io_wait_seconds: float = 0.0
 
@@ -1059,17 +1065,71 @@ def embed(cache: Cache, weights: Weights, device: torch.device, dtype: torch.dty
     return stats
 
 
+def pack_rows(lengths: list[int], batch_tokens: int, width: int = 0) -> list[list[list[int]]]:
+    """Batches of rows of sample indices: samples packed longest first into the fullest row they fit (rows `width`
+    tokens long, the longest sample at least), then as many rows per batch as batch_tokens allows (one at least)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    width = max(width, lengths[order[0]])
+    rows, free = [], []  # free: sorted (room left, row) pairs
+    for i in order:
+        k = bisect.bisect_left(free, (lengths[i], -1))
+        if k == len(free):
+            rows.append([])
+            room, r = width, len(rows) - 1
+        else:
+            room, r = free.pop(k)
+        rows[r].append(i)
+        if room > lengths[i]:
+            bisect.insort(free, (room - lengths[i], r))
+    per = max(1, batch_tokens // width)
+    return [rows[j:j + per] for j in range(0, len(rows), per)]
+
+
+def row_width(config, lengths: list[int], batch_tokens: int) -> int:
+    """The row length with the fewest estimated FLOPs, from the longest sample times 1, 2, 4, ... up to batch_tokens:
+    longer rows pack more samples and leave fewer empty slots, but every slot attends to its whole row (masked)."""
+    linear = 2 * block_parameter_count(config)  # FLOPs per slot in the projections
+    heads = config.num_attention_heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    longest = max(lengths)
+    widths = [longest << k for k in range(32) if k == 0 or longest << k <= batch_tokens]
+
+    def flops(w: int) -> int:
+        slots = sum(len(batch) for batch in pack_rows(lengths, batch_tokens, w)) * w
+        return slots * (linear + 4 * heads * w)  # QK^T and AV over the row
+    return min(widths, key=flops)
+
+
+def pack_batch(rows: list[list[int]], lengths: list[int], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token index [B, W] into the part (-1 = empty slot) and position ids [B, W] for rows of packed samples;
+    each sample's positions restart at 0, and so do the empty slots' (they form a sequence of their own)."""
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    index = np.full((len(rows), width), -1, dtype=np.int64)
+    pos = np.empty((len(rows), width), dtype=np.int64)
+    for b, row in enumerate(rows):
+        o = 0
+        for i in row:
+            index[b, o:o + lengths[i]] = np.arange(starts[i], starts[i] + lengths[i])
+            pos[b, o:o + lengths[i]] = np.arange(lengths[i])
+            o += lengths[i]
+        pos[b, o:] = np.arange(width - o)
+    return torch.from_numpy(index), torch.from_numpy(pos)
+
+
 def run_part(runner: BlockRunner, blocks: list[tuple[int, torch.nn.Module]], hidden: torch.Tensor,
-             lengths: list[int], batch_tokens: int, storage: torch.dtype) -> torch.Tensor:
-    """A part's hidden states [n_tokens, hidden] through the blocks, batched by length; returns the new ones."""
+             lengths: list[int], batch_tokens: int, storage: torch.dtype, stats: PassStats | None = None) -> torch.Tensor:
+    """A part's hidden states [n_tokens, hidden] through the blocks, samples packed into rows (no padding
+    beyond each row's tail), batch by batch; returns the new ones."""
     starts = np.concatenate([[0], np.cumsum(lengths)]).tolist()
     out = torch.empty_like(hidden)
-    for batch in make_batches(lengths, batch_tokens):
-        rows = [hidden[starts[i]:starts[i + 1]].to(runner.device, runner.dtype, non_blocking=True) for i in batch]
-        x, mask = pad_batch(rows)  # [B, T, hidden]
-        y = runner.run(blocks, x, mask, round_to=storage)
-        for j, i in enumerate(batch):
-            out[starts[i]:starts[i + 1]] = y[j, :lengths[i]].to("cpu", storage)
+    for rows in pack_rows(lengths, batch_tokens, row_width(runner.config, lengths, batch_tokens)):
+        index, pos = pack_batch(rows, lengths, starts)  # [B, W], [B, W]
+        real = index >= 0
+        x = torch.zeros(*index.shape, hidden.shape[1], device=runner.device, dtype=runner.dtype)  # [B, W, hidden]
+        x[real.to(runner.device)] = hidden[index[real]].to(runner.device, runner.dtype, non_blocking=True)
+        y = runner.run(blocks, x, None, round_to=storage, position_ids=pos.to(runner.device))
+        out[index[real]] = y[real.to(runner.device)].to("cpu", storage)
+        if stats is not None:
+            stats.token_slots += index.numel() * len(blocks)
     return out
 
 
@@ -1090,6 +1150,14 @@ def read_group(weights: Weights, layers: range) -> dict:
     return {i: weights.block_state(i) for i in layers}
 
 
+def pass_steps(start: int, target: int, blocks_per_pass: int, keep_in_ram: bool) -> list[tuple[range, range]]:
+    """(blocks, group) of each pass over the data. A group of blocks_per_pass blocks crosses the disk once; with the
+    hidden states in RAM its blocks run one pass each (one block in memory, the next read ahead) and the disk copy
+    is written as a checkpoint when the group ends."""
+    groups = [range(a, min(a + blocks_per_pass, target)) for a in range(start, target, blocks_per_pass)]
+    return [(range(i, i + 1) if keep_in_ram else g, g) for g in groups for i in (g if keep_in_ram else g[:1])]
+
+
 def peristalsis(cache: Cache, weights: Weights, target_layer: int, device: torch.device, dtype: torch.dtype,
                 batch_tokens: int, blocks_per_pass: int = 1, keep_in_ram: bool = False) -> PassStats:
     """Advance every part to target_layer, `blocks_per_pass` blocks per pass over the data, in place."""
@@ -1102,38 +1170,42 @@ def peristalsis(cache: Cache, weights: Weights, target_layer: int, device: torch
         raise PelatunError("Some parts of the cache are not embedded yet: run embed() first.")
     runner = BlockRunner(weights.config, device, dtype)
     if device.type == "cpu":
-        keep_freed_memory()
+        keep_freed_memory(batch_activation_bytes(weights.config, batch_tokens, dtype))
     if keep_in_ram and cache.ram is None:
         cache.ram = {}
     t0, read0, written0, weights0 = time.perf_counter(), cache.bytes_read, cache.bytes_written, weights.bytes_read
-    prefetch, ahead = ThreadPoolExecutor(1), None
+    steps = pass_steps(cache.layer(), target_layer, blocks_per_pass, keep_in_ram)
+    layer = {(s, p["tokens"][0]): p["layer"] for s, p in cache.parts()}  # where each part is now (RAM or disk)
+    prefetch = ThreadPoolExecutor(1)
+    ahead = prefetch.submit(read_group, weights, steps[0][0])
     bar = tqdm(total=target_layer - cache.layer(), desc="layers")
     try:
-        while (start := cache.layer()) < target_layer:
-            end = min(start + blocks_per_pass, target_layer)
-            states = ahead.result() if ahead is not None and ahead.layers == range(start, end) else None
-            blocks = load_group(weights, range(start, end), device, dtype, states)
-            del states
-            nxt = range(end, min(end + blocks_per_pass, target_layer))
-            ahead = prefetch.submit(read_group, weights, nxt) if len(nxt) else None
-            if ahead is not None:
-                ahead.layers = nxt
-            free_blocks(end - start)
+        for k, (layers, group) in enumerate(steps):
+            blocks = load_group(weights, layers, device, dtype, ahead.result())
+            ahead = prefetch.submit(read_group, weights, steps[k + 1][0]) if k + 1 < len(steps) else None
+            free_blocks(len(layers))
             stats.max_live_blocks = max(stats.max_live_blocks, len(LIVE_BLOCKS))
-            assert len(LIVE_BLOCKS) <= end - start, f"{len(LIVE_BLOCKS)} blocks in memory, expected {end - start}"
-            todo = [(s, p) for s, p in cache.parts() if p["layer"] < end]
+            assert len(LIVE_BLOCKS) <= len(layers), f"{len(LIVE_BLOCKS)} blocks in memory, expected {len(layers)}"
+            checkpoint = layers.stop == group.stop
+            todo = [(s, p) for s, p in cache.parts() if layer[s, p["tokens"][0]] < layers.stop]
             with PartIO(cache, pin=device.type == "cuda") as io:
-                for split, part, hidden in tqdm(io.reads(todo), total=len(todo), desc=f"blocks {start}-{end - 1}",
-                                                leave=False):
+                for split, part, hidden in tqdm(io.reads(todo), total=len(todo), leave=False,
+                                                desc=f"blocks {layers.start}-{layers.stop - 1}"):
+                    key = (split, part["tokens"][0])
                     off = cache.offsets(split)[part["samples"][0]:part["samples"][1] + 1]
-                    group = [(i, blocks[i]) for i in range(part["layer"], end)]
-                    io.write(split, part, run_part(runner, group, hidden, np.diff(off).tolist(), batch_tokens,
-                                                   cache.dtype), end)
+                    run = [(i, blocks[i]) for i in range(max(layer[key], layers.start), layers.stop)]
+                    new = run_part(runner, run, hidden, np.diff(off).tolist(), batch_tokens, cache.dtype, stats)
+                    layer[key] = layers.stop
+                    if checkpoint:
+                        io.write(split, part, new, layers.stop)
+                    else:
+                        cache.ram[key] = new
             stats.io_wait_seconds += io.wait
-            stats.blocks_run += end - start
-            stats.groups.append([start, end])
-            bar.update(end - start)
-            del blocks, group  # free the group before the next one loads
+            stats.blocks_run += len(layers)
+            if checkpoint:
+                stats.groups.append([group.start, group.stop])
+            bar.update(len(layers))
+            del blocks, run  # free the blocks before the next ones load
             free_blocks(0)
     finally:
         bar.close()
@@ -1173,19 +1245,26 @@ def current_memory(device: torch.device) -> int:
     return 0
 
 
+def batch_activation_bytes(config, batch_tokens: int, dtype: torch.dtype) -> int:
+    """Peak bytes of the tensors alive while a batch of batch_tokens runs through one decoder layer."""
+    return batch_tokens * (8 * config.hidden_size + 3 * config.intermediate_size) * dtype.itemsize
+
+
 def pass_memory(config, g: int, more_groups: bool, device: torch.device, dtype: torch.dtype, weight_dtype: torch.dtype,
                 batch_tokens: int, part_bytes: int, ram_bytes: int, baseline: int) -> dict:
     """Predicted peak of a pass running g blocks per group, in bytes by named part: the larger of its two
     moments, loading a group (raw and converted tensors both alive) and running a batch through it."""
     block = block_parameter_count(config)
-    h, inter = config.hidden_size, config.intermediate_size
     cuda = device.type == "cuda"
     raw = g * block * weight_dtype.itemsize  # as read from the shards, on the host
     device_parts = {"baseline": baseline, "blocks": g * block * dtype.itemsize}
+    batch = batch_activation_bytes(config, batch_tokens, dtype)
     moments = {
-        "loading a group": ({}, {"raw group being converted": raw if cuda or dtype != weight_dtype else 0,
-                                 "hidden states in RAM": ram_bytes}),
-        "running a batch": ({"batch activations": batch_tokens * (8 * h + 3 * inter) * dtype.itemsize},
+        # on a CPU a later group loads while the last batch's freed activations are kept for reuse (keep_freed_memory)
+        "loading a group": ({"freed batch memory kept": batch if more_groups and not cuda else 0},
+                            {"raw group being converted": raw if cuda or dtype != weight_dtype else 0,
+                             "hidden states in RAM": ram_bytes}),
+        "running a batch": ({"batch activations": batch},
                             {"next group read ahead": raw if more_groups else 0, "part buffers": 6 * part_bytes,
                              "hidden states in RAM": ram_bytes}),
     }
@@ -1212,7 +1291,9 @@ def plan_pass(cache: Cache, config, target_layer: int, device: torch.device, dty
     host_ram = int(0.8 * available_ram()) if device.type == "cuda" else budget
 
     def fits(g: int, ram: bool) -> dict | None:
-        m = pass_memory(config, g, g < blocks, device, dtype, weight_dtype, batch_tokens, part_bytes,
+        # with the hidden states in RAM the blocks run one at a time whatever the group (it sets the checkpoints)
+        alive = 1 if ram else g
+        m = pass_memory(config, alive, alive < blocks, device, dtype, weight_dtype, batch_tokens, part_bytes,
                         cache.nbytes() if ram else 0, baseline)
         return m if m["total"] <= budget and m["host_total"] <= host_ram else None
 
@@ -1300,8 +1381,9 @@ def print_plan(plan: dict) -> None:
     """Print the pass plan as a table, and refuse one that does not fit the disk."""
     rows = [("memory budget", human_bytes(plan["memory_budget"])),
             ("blocks to run", str(plan["blocks_to_run"])),
-            ("blocks per pass", f"{plan['blocks_per_pass']} ({plan['passes']} pass(es) over the data)"),
-            ("hidden states kept in RAM", "yes (disk copy = checkpoint)" if plan["keep_in_ram"] else "no"),
+            ("blocks per pass", f"{plan['blocks_per_pass']} ({plan['passes']} pass(es) over the disk copy)"),
+            ("hidden states kept in RAM", "yes: one block at a time over them, the disk copy written after each pass"
+                                          if plan["keep_in_ram"] else "no"),
             ("batch size", f"{plan['batch_tokens']:,} tokens"),
             ("peak memory: embed", human_bytes(plan["peak_memory_embed"])),
             ("peak memory: pass", f"{human_bytes(plan['peak_memory_pass'])} ({plan['peak_memory_moment']})"),

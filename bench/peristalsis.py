@@ -58,14 +58,14 @@ MODELS = {
     },
     "syn7b": {
         "name": "synthetic Llama-2-7B shape, 4 blocks, fp16 random weights (make_synthetic --shape 7b --layers 4)",
-        "ns": [16, 64, 256], "reps": {16: 3, 64: 3, 256: 2}, "sample_tokens": 16,
+        "ns": [16, 64, 256], "reps": {16: 3, 64: 3, 256: 2}, "sample_tokens": [4, 28],
         "memory_budget_gib": 8.0,
-        "data": "random token ids < 32000 (numpy default_rng(0)), N samples of 16 tokens",
+        "data": "random token ids < 32000 (numpy default_rng(0)), N samples of 4-28 tokens (uniform, mean 16)",
         # calibrate() pushes batch_tokens tokens through one block twice; for a 7B block that is minutes
         "calibrate_batch_tokens": 256,
     },
 }
-SMOKE = {"smollm2": {"ns": [4, 8], "reps": {4: 1, 8: 2}}, "syn7b": {"ns": [2, 4], "reps": {2: 1, 4: 1}, "sample_tokens": 8}}
+SMOKE = {"smollm2": {"ns": [4, 8], "reps": {4: 1, 8: 2}}, "syn7b": {"ns": [2, 4], "reps": {2: 1, 4: 1}, "sample_tokens": [2, 14]}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,14 +91,18 @@ def load_samples(spec: dict):
             raise RuntimeError(f"the default data has {len(samples)} samples, fewer than N={n}")
         return samples[:n], Path(data)
     rng = np.random.default_rng(0)
-    ids = rng.integers(0, 32000, size=(max(spec["ns_all"]), spec["sample_tokens"]), dtype=np.int64)
-    data = Path(spec["work"]) / "syn_ids.npy"
+    m, (lo, hi) = max(spec["ns_all"]), spec["sample_tokens"]
+    lengths = rng.integers(lo, hi + 1, size=m)
+    ids = rng.integers(0, 32000, size=int(lengths.sum()), dtype=np.int64)
+    data = Path(spec["work"]) / "syn_ids.npy"  # [lengths of the m samples, their ids one after another]
     if not data.exists():
         tmp = data.with_name(f"{data.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:  # np.save(path) would append .npy to the temporary name
-            np.save(f, ids)
+            np.save(f, np.concatenate([lengths, ids]))
         os.replace(tmp, data)
-    return [pu.Sample(list(map(int, r)), list(map(int, r))) for r in ids[:n]], data
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    rows = [list(map(int, ids[starts[i]:starts[i + 1]])) for i in range(n)]
+    return [pu.Sample(r, r) for r in rows], data
 
 
 def ids_sha256(samples) -> str:
@@ -181,6 +185,8 @@ class Pelatun:
             "hidden_bytes_written_per_token": (st.hidden_bytes_written + e.hidden_bytes_written) / tokens,
             "pass_hidden_bytes_written_per_token": st.hidden_bytes_written / tokens,
             "hidden_bytes_per_token_per_pass": moved / tokens / max(passes, 1),
+            # tokens a block computed, empty slots of packed rows included (the HF contenders' padded_tokens)
+            "token_slots_per_block": st.token_slots / max(st.blocks_run, 1),
             "io_wait_fraction": (st.io_wait_seconds + e.io_wait_seconds) / max(t4 - t0, 1e-9),
             "pass_io_wait_seconds": st.io_wait_seconds, "pass_seconds": st.seconds,
             "embed_io_wait_seconds": e.io_wait_seconds,

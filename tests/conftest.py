@@ -32,9 +32,12 @@ def tokenizer(smollm2_dir):
 
 
 def make_tiny_model(out: Path, arch: str = "llama", dtype=torch.float32, tied: bool = False, layers: int = 4,
-                    tokenizer_dir: Path | None = None, seed: int = 0, single_file: bool = False) -> Path:
-    """Save a random model of the real transformers class as sharded safetensors (+ tokenizer files)."""
+                    tokenizer_dir: Path | None = None, seed: int = 0, single_file: bool = False,
+                    config: dict | None = None) -> Path:
+    """Save a random model of the real transformers class as sharded safetensors (+ tokenizer files);
+    `config` overrides settings of the architecture's config."""
     Config, extra = TINY[arch]
+    extra = {**extra, **(config or {})}
     config = Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                     tie_word_embeddings=tied, rms_norm_eps=1e-5, **extra)

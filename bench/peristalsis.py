@@ -229,7 +229,8 @@ class HF:
         if kind in ("floor", "floor_malloc"):
             from transformers import AutoModelForCausalLM
             if kind == "floor_malloc":
-                pu.keep_freed_memory()  # the allocator setting PeLaTun's pass uses on a CPU
+                # the allocator setting PeLaTun's pass uses on a CPU, for the same batch size
+                pu.keep_freed_memory(pu.batch_activation_bytes(self.config, PASS_BATCH_TOKENS, dtype))
             model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype, attn_implementation="sdpa")
             base = model.model
             self.info["load"] = "AutoModelForCausalLM.from_pretrained(dtype=float32, attn_implementation='sdpa'), whole model in RAM"
@@ -593,9 +594,12 @@ def prepare_model(model: str, work: Path, log) -> dict:
 
 NOTES = [
     "Every contender computes the input of block L-1 (TRAIN_LAYERS = 1) from the same token ids (checked: the workers' "
-    "sha256 of the ids match, 'same_token_ids') in float32 on the CPU, with the same batches: make_batches(lengths, "
-    "8192) and right padding with an attention mask (PeLaTun's part = all N samples here, so its per-part batches are "
-    "these batches).",
+    "sha256 of the ids match, 'same_token_ids') in float32 on the CPU. The HF contenders get the best batches a "
+    "transformers user gets without packing: sorted by length, make_batches(lengths, 8192), right padding with an "
+    "attention mask (padded_tokens in their runs). PeLaTun packs several samples into each row (position ids restart "
+    "per sample; transformers' own packed-sequence masks keep them apart) at the row width with the fewest estimated "
+    "FLOPs, at most 8192 slots per batch (token_slots_per_block in its runs): it computes fewer empty slots, which is "
+    "why it can run faster than the in-memory floor.",
     "HF contenders run model.model with its layers cut to the first L-1 and norm = Identity, so hidden_states[-1] is the "
     "input of block L-1 and no one computes block L-1, the final norm or the lm_head.",
     "PeLaTun stores hidden states in the model's dtype (bf16 for SmolLM2, fp16 for the synthetic 7B) and rounds them "
@@ -608,17 +612,18 @@ NOTES = [
     "(one-time model loading, AirLLM's layer splitting and accelerate's offload setup are in setup_seconds, not timed).",
     "Ratios are side by side: in each round every contender runs once (order rotated), ratio = seconds of the other / "
     "seconds of PeLaTun in that round; the JSON gives the per-round ratios and their median.",
-    "Allocator: on a CPU PeLaTun's pass keeps freed heap blocks of up to 64 MiB for reuse (pu.keep_freed_memory, "
-    "glibc mallopt); glibc's default maps each large activation fresh and zero-fills its pages on first touch "
-    "(profiling the pass showed those page faults as a large share of its CPU time). floor, AirLLM and accelerate run with glibc's defaults, "
-    "as a transformers user gets them; floor_malloc is the floor with PeLaTun's setting, so 'PeLaTun / floor_malloc' "
-    "is the cost of the pass itself (weight loading, per-block rounding, the cache) with the allocator equal.",
-    "floor_malloc was run for SmolLM2 and in the first syn7b run; the syn7b sizes were rerun (--merge) without it: "
-    "a sixth resident worker of 4 GiB left too little page cache for the weight files. Even with five, PeLaTun's "
-    "planned syn7b pass (3 blocks per group, 3.1 GiB peak) ran 2x slower here than in a run with only pelatun, "
-    "pelatun_bpp1 and floor resident (2.68 s vs the floor's 1.88 s at N=16, level with pelatun_bpp1; "
-    "bench/results/peristalsis_syn7b_n16_three_workers.json): the grouped "
-    "pass is sensitive to memory held by the other workers; not yet explained.",
+    "Allocator: on a CPU PeLaTun's pass keeps freed heap blocks of up to 64 MiB, and up to one batch's activations in "
+    "all, for reuse (pu.keep_freed_memory, glibc mallopt); glibc's default maps each large activation fresh, zero-fills "
+    "its pages on first touch and gives the heap's top back whenever 128 MiB of it are free (between two blocks). "
+    "floor, AirLLM and accelerate run with glibc's defaults, as a transformers user gets them; floor_malloc is the "
+    "floor with PeLaTun's setting, so 'PeLaTun / floor_malloc' is the pass with the allocator equal.",
+    "floor_malloc runs for SmolLM2 only: with a sixth resident worker of 4 GiB the synthetic 7B's weight files no "
+    "longer stay in the page cache. The synthetic 7B runs as a second invocation (--merge into the same JSON) with "
+    "the other five contenders.",
+    "Schedules: with the hidden states in RAM (the plan's keep_in_ram) PeLaTun runs one block at a time over them, the "
+    "next block read ahead, and writes the disk copy when a group of blocks_per_pass blocks ends; pelatun_bpp1 is the "
+    "seed's schedule, one block per pass with the hidden states through the disk every pass. The synthetic 7B samples "
+    "have random lengths (4-28 tokens) as real data does; with equal lengths there is nothing to pack.",
     "All weight files are in the page cache after the warm-up (24 GiB RAM holds them all): disk reads here are memory "
     "copies. On a cold or slow disk AirLLM and accelerate, which re-read every block for every forward call, would fall "
     "further behind; PeLaTun reads each block once per pass.",
@@ -636,9 +641,7 @@ NOTES = [
     "numbers to quote, and cpu_seconds (user+sys of the worker, all threads) are less sensitive to the cores being taken.",
     "barrier_probe (per round, from the floor worker): median ms of one [70, 576] bf16->float32 conversion with 2 threads "
     "and with 1. When other processes hold the 2 cores, every small op that torch splits over 2 threads waits for the "
-    "descheduled partner thread (milliseconds instead of microseconds). PeLaTun's run_part converts and pads hidden "
-    "states sample by sample (rows -> float32, pad_batch, back to storage per sample), once per pass: with 29 passes "
-    "(blocks_per_pass = 1) that is thousands of such ops; the HF contenders run whole batches.",
+    "descheduled partner thread (milliseconds instead of microseconds).",
 ]
 
 

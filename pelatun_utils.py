@@ -424,14 +424,22 @@ class Weights:
         prefix = WEIGHT_NAMES["block"].format(i)
         return {k[len(prefix):]: v for k, v in self.read(self.names(prefix)).items()}
 
-    def load_block(self, i: int, device: torch.device, dtype: torch.dtype, state: dict | None = None) -> torch.nn.Module:
-        """Decoder layer i, built on the meta device and filled from the shards (or a state read ahead)."""
+    def load_block(self, i: int, device: torch.device, dtype: torch.dtype, state: dict | None = None,
+                   into: dict | None = None) -> torch.nn.Module:
+        """Decoder layer i, built on the meta device and filled from the shards (or a state read ahead); a tensor
+        that needs converting is converted into the same-named tensor of `into` (a finished block's) when given."""
         DecoderLayer, _, _ = layer_classes(self.config)
         with torch.device("meta"):
             block = DecoderLayer(self.config, layer_idx=i)
         state = self.block_state(i) if state is None else state
         check_shapes(block, state, WEIGHT_NAMES["block"].format(i))
-        block.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, strict=True, assign=True)
+        into = into or {}
+
+        def convert(k: str, v: torch.Tensor) -> torch.Tensor:
+            if (v.dtype, v.device) == (dtype, device) or k not in into or into[k].shape != v.shape:
+                return v.to(device, dtype)  # the tensor itself when nothing converts: never written into
+            return into[k].copy_(v)
+        block.load_state_dict({k: convert(k, v) for k, v in state.items()}, strict=True, assign=True)
         LIVE_BLOCKS.add(block)
         return block.eval()
 
@@ -997,23 +1005,19 @@ class PassStats:
 class PartIO:
     """Reads parts ahead and writes them behind in two background threads, each with a bounded queue."""
 
-    def __init__(self, cache: Cache, ahead: int = 2, behind: int = 2, pin: bool = False):
+    def __init__(self, cache: Cache, ahead: int = 2, behind: int = 2):
         from concurrent.futures import ThreadPoolExecutor
-        self.cache, self.ahead, self.behind, self.pin = cache, ahead, behind, pin
+        self.cache, self.ahead, self.behind = cache, ahead, behind
         self.reader, self.writer = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
         self.pending: list = []
         self.wait = 0.0  # seconds the compute thread spent blocked on reads or writes
 
-    def load(self, split: str, part: dict) -> torch.Tensor:
-        hidden = self.cache.load_hidden(split, part)
-        return hidden.pin_memory() if self.pin else hidden
-
     def reads(self, items: list[tuple[str, dict]]) -> Iterator[tuple[str, dict, torch.Tensor]]:
         """Yield (split, part, hidden) in order, reading up to `ahead` parts in advance."""
-        futures = [self.reader.submit(self.load, s, p) for s, p in items[:self.ahead]]
+        futures = [self.reader.submit(self.cache.load_hidden, s, p) for s, p in items[:self.ahead]]
         for k, (split, part) in enumerate(items):
             if k + self.ahead < len(items):
-                futures.append(self.reader.submit(self.load, *items[k + self.ahead]))
+                futures.append(self.reader.submit(self.cache.load_hidden, *items[k + self.ahead]))
             t0 = time.perf_counter()
             hidden = futures[k].result()
             futures[k] = None
@@ -1124,8 +1128,12 @@ def run_part(runner: BlockRunner, blocks: list[tuple[int, torch.nn.Module]], hid
     for rows in pack_rows(lengths, batch_tokens, row_width(runner.config, lengths, batch_tokens)):
         index, pos = pack_batch(rows, lengths, starts)  # [B, W], [B, W]
         real = index >= 0
+        # the batch's rows, gathered into pinned memory on CUDA so that the copy to the GPU runs asynchronously
+        rows_in = torch.empty(int(real.sum()), hidden.shape[1], dtype=hidden.dtype,
+                              pin_memory=runner.device.type == "cuda")
+        torch.index_select(hidden, 0, index[real], out=rows_in)
         x = torch.zeros(*index.shape, hidden.shape[1], device=runner.device, dtype=runner.dtype)  # [B, W, hidden]
-        x[real.to(runner.device)] = hidden[index[real]].to(runner.device, runner.dtype, non_blocking=True)
+        x[real.to(runner.device)] = rows_in.to(runner.device, non_blocking=True).to(runner.dtype)
         y = runner.run(blocks, x, None, round_to=storage, position_ids=pos.to(runner.device))
         out[index[real]] = y[real.to(runner.device)].to("cpu", storage)
         if stats is not None:
@@ -1140,9 +1148,13 @@ def free_blocks(keep: int) -> None:
         gc.collect()
 
 
-def load_group(weights: Weights, layers: range, device: torch.device, dtype: torch.dtype, states=None) -> dict:
-    """{i: decoder layer i} for the layers of a group, from states read ahead when given."""
-    return {i: weights.load_block(i, device, dtype, state=None if states is None else states[i]) for i in layers}
+def load_group(weights: Weights, layers: range, device: torch.device, dtype: torch.dtype, states=None,
+               spare: list[dict] | None = None) -> dict:
+    """{i: decoder layer i} for the layers of a group, from states read ahead when given, converted into the spare
+    tensors of the blocks that ran before (no fresh memory to fault in) when given."""
+    spare = spare or []
+    return {i: weights.load_block(i, device, dtype, state=None if states is None else states[i],
+                                  into=spare[k] if k < len(spare) else None) for k, i in enumerate(layers)}
 
 
 def read_group(weights: Weights, layers: range) -> dict:
@@ -1180,15 +1192,16 @@ def peristalsis(cache: Cache, weights: Weights, target_layer: int, device: torch
     ahead = prefetch.submit(read_group, weights, steps[0][0])
     bar = tqdm(total=target_layer - cache.layer(), desc="layers")
     try:
+        spare = []  # the tensors of the blocks that ran last, to be refilled with the next ones
         for k, (layers, group) in enumerate(steps):
-            blocks = load_group(weights, layers, device, dtype, ahead.result())
+            blocks = load_group(weights, layers, device, dtype, ahead.result(), spare)
             ahead = prefetch.submit(read_group, weights, steps[k + 1][0]) if k + 1 < len(steps) else None
             free_blocks(len(layers))
             stats.max_live_blocks = max(stats.max_live_blocks, len(LIVE_BLOCKS))
             assert len(LIVE_BLOCKS) <= len(layers), f"{len(LIVE_BLOCKS)} blocks in memory, expected {len(layers)}"
             checkpoint = layers.stop == group.stop
             todo = [(s, p) for s, p in cache.parts() if layer[s, p["tokens"][0]] < layers.stop]
-            with PartIO(cache, pin=device.type == "cuda") as io:
+            with PartIO(cache) as io:
                 for split, part, hidden in tqdm(io.reads(todo), total=len(todo), leave=False,
                                                 desc=f"blocks {layers.start}-{layers.stop - 1}"):
                     key = (split, part["tokens"][0])
@@ -1205,7 +1218,8 @@ def peristalsis(cache: Cache, weights: Weights, target_layer: int, device: torch
             if checkpoint:
                 stats.groups.append([group.start, group.stop])
             bar.update(len(layers))
-            del blocks, run  # free the blocks before the next ones load
+            spare = [b.state_dict() for b in blocks.values()]
+            del blocks, run  # free the blocks (their tensors live on in spare) before the next ones load
             free_blocks(0)
     finally:
         bar.close()

@@ -74,6 +74,18 @@ def test_pack_rows_places_every_sample_once():
     assert pu.pack_rows([70], 16) == [[[0]]]  # a sample longer than a batch still runs, alone
 
 
+def test_row_width_packs_short_samples(smollm2_dir):
+    """Rows widen past the longest sample only when that leaves fewer slots empty: samples a little over half the
+    longest fill a row of twice its length, not one of its own length."""
+    config = pu.read_config(smollm2_dir)
+    assert pu.row_width(config, [100] * 20, 8192) == 100  # equal lengths: nothing to pack
+    assert pu.row_width(config, [100] + [10] * 60, 8192) == 100  # short ones pack into rows of 100 already
+    lengths = [100] + [60] * 40
+    width = pu.row_width(config, lengths, 8192)
+    assert width > 100 and sum(len(b) for b in pu.pack_rows(lengths, 8192, width)) * width < 0.8 * 41 * 100
+    assert pu.row_width(config, [4096, 100], 2048) == 4096  # never narrower than the longest sample
+
+
 @pytest.mark.parametrize("arch,config", [("llama", {}), ("mistral", {"sliding_window": 6}), ("qwen2", {})])
 def test_packed_rows_of_mixed_lengths_match(arch, config, tiny_model, tmp_path):
     """Chat samples of different lengths are packed several to a row; results are still bitwise the full forward
@@ -169,6 +181,29 @@ def test_one_block_in_memory(tiny_model, tmp_path, monkeypatch):
     assert reads[0] == {"model.embed_tokens.weight"}
     assert [r for r in reads[1:]] == [{str(i)} for i in range(4)]
     assert live and max(live) == 1
+
+
+@pytest.mark.parametrize("keep_in_ram", [False, True])
+def test_blocks_are_converted_into_the_last_blocks_memory(keep_in_ram, tiny_model, tmp_path, monkeypatch):
+    """An fp16 model run in fp32: each block after the first is converted into the tensors of the block before
+    (no fresh memory), and its weights are still its own."""
+    model_dir = tiny_model("llama", dtype=torch.float16, layers=5)
+    seen = []
+    real_run = pu.BlockRunner.run
+
+    def run(self, blocks, x, mask, **kw):
+        for i, b in blocks:
+            seen.append((i, b.mlp.up_proj.weight.data_ptr(), b.mlp.up_proj.weight.detach().clone()))
+        return real_run(self, blocks, x, mask, **kw)
+
+    monkeypatch.setattr(pu.BlockRunner, "run", run)
+    build_cache(model_dir, write_text(tmp_path / "d.txt"), tmp_path / "act", keep_in_ram=keep_in_ram,
+                blocks_per_pass=1 if not keep_in_ram else 4)
+    assert sorted({i for i, _, _ in seen}) == [0, 1, 2, 3]
+    assert len({ptr for _, ptr, _ in seen}) == 1  # one buffer, refilled block after block
+    weights = pu.Weights(model_dir, pu.read_config(model_dir))
+    for i, _, w in seen:
+        assert torch.equal(w, weights.block_state(i)["mlp.up_proj.weight"].float())
 
 
 def test_same_settings_reuse_the_cache(tiny_model, tmp_path):

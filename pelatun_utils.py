@@ -1341,7 +1341,8 @@ def plan_pass(cache: Cache, config, target_layer: int, device: torch.device, dty
         # embed writes the cache once; each pass reads it (from disk unless kept in RAM) and writes it back
         "hidden_bytes_written": (nbytes if cache.layer() < 0 else 0) + groups * nbytes,
         "hidden_bytes_read": 0 if ram else groups * nbytes,
-        "hidden_bytes_per_token_per_pass": 2 * h * cache.dtype.itemsize * (1 if ram else 2),
+        # written once per pass; read once per pass too unless kept in RAM
+        "hidden_bytes_per_token_per_pass": h * cache.dtype.itemsize * (1 if ram else 2),
     }
 
 

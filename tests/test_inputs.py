@@ -62,6 +62,7 @@ def test_plan_refuses_what_does_not_fit(tiny_model, tmp_path):
     assert plan["blocks_per_pass"] == 3 and plan["keep_in_ram"] and plan["passes"] == 1
     # in RAM the blocks run one at a time: one block in memory, whatever the group
     assert plan["peak_memory_parts"]["blocks"] == pu.block_parameter_count(config) * 4
+    assert plan["hidden_bytes_per_token_per_pass"] == 64 * 4  # written once, never read back (fp32 model)
     one = pu.plan_pass(cache, config, 3, torch.device("cpu"), torch.float32, torch.float32, batch_tokens=128,
                        part_tokens=256, memory_budget=8 << 30, blocks_per_pass=1)
     assert one["passes"] == 3 and one["hidden_bytes_written"] == 3 * cache.nbytes()

@@ -722,6 +722,11 @@ class Cache:
                              shape=(n, self.hidden_size))
         return np.memmap(self.dir / split / f"{name}.bin", dtype=np.int32, mode=mode, shape=(n,))
 
+    @staticmethod
+    def key(split: str, part: dict) -> tuple[str, int]:
+        """A part's name in the RAM copy (and in the pass's bookkeeping): its split and first token."""
+        return split, part["tokens"][0]
+
     def parts(self) -> list[tuple[str, dict]]:
         """(split, part) for every part, in storage order."""
         return [(s, p) for s, info in self.manifest["splits"].items() for p in info["parts"]]
@@ -741,9 +746,8 @@ class Cache:
 
     def load_hidden(self, split: str, part: dict) -> torch.Tensor:
         """The part's hidden states [n_tokens, hidden] in the storage dtype (from RAM when kept there)."""
-        key = (split, part["tokens"][0])
-        if self.ram is not None and key in self.ram:
-            return self.ram[key]
+        if self.ram is not None and self.key(split, part) in self.ram:
+            return self.ram[self.key(split, part)]
         a, b = part["tokens"]
         hidden = to_torch(self.array(split, "hidden")[a:b], self.dtype)
         self.bytes_read += hidden.numel() * hidden.element_size()
@@ -763,7 +767,7 @@ class Cache:
             del mm
         self.bytes_written += rows.nbytes
         if self.ram is not None:
-            self.ram[(split, a)] = hidden
+            self.ram[self.key(split, part)] = hidden
         part["layer"], part["digest"] = layer, digest(rows)
         try:
             self.save()
@@ -1097,7 +1101,7 @@ def row_width(config, lengths: list[int], batch_tokens: int) -> int:
     """The row length with the fewest estimated FLOPs, from the longest sample times 1, 2, 4, ... up to batch_tokens:
     longer rows pack more samples and leave fewer empty slots, but every slot attends to its whole row (masked)."""
     linear = 2 * block_parameter_count(config)  # FLOPs per slot in the projections
-    heads = config.num_attention_heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    heads = config.num_attention_heads * head_dim(config)
     longest = max(lengths)
     widths = [longest << k for k in range(32) if k == 0 or longest << k <= batch_tokens]
 
@@ -1132,14 +1136,15 @@ def run_part(runner: BlockRunner, blocks: list[tuple[int, torch.nn.Module]], hid
     for rows in pack_rows(lengths, batch_tokens, row_width(runner.config, lengths, batch_tokens)):
         index, pos = pack_batch(rows, lengths, starts)  # [B, W], [B, W]
         real = index >= 0
+        real_on_device = real.to(runner.device)
         # the batch's rows, gathered into pinned memory on CUDA so that the copy to the GPU runs asynchronously
         rows_in = torch.empty(int(real.sum()), hidden.shape[1], dtype=hidden.dtype,
                               pin_memory=runner.device.type == "cuda")
         torch.index_select(hidden, 0, index[real], out=rows_in)
         x = torch.zeros(*index.shape, hidden.shape[1], device=runner.device, dtype=runner.dtype)  # [B, W, hidden]
-        x[real.to(runner.device)] = rows_in.to(runner.device, non_blocking=True).to(runner.dtype)
+        x[real_on_device] = rows_in.to(runner.device, non_blocking=True).to(runner.dtype)
         y = runner.run(blocks, x, None, round_to=storage, position_ids=pos.to(runner.device))
-        out[index[real]] = y[real.to(runner.device)].to("cpu", storage)
+        out[index[real]] = y[real_on_device].to("cpu", storage)
         if stats is not None:
             stats.token_slots += index.numel() * len(blocks)
     return out
@@ -1171,7 +1176,9 @@ def pass_steps(start: int, target: int, blocks_per_pass: int, keep_in_ram: bool)
     hidden states in RAM its blocks run one pass each (one block in memory, the next read ahead) and the disk copy
     is written as a checkpoint when the group ends."""
     groups = [range(a, min(a + blocks_per_pass, target)) for a in range(start, target, blocks_per_pass)]
-    return [(range(i, i + 1) if keep_in_ram else g, g) for g in groups for i in (g if keep_in_ram else g[:1])]
+    if keep_in_ram:
+        return [(range(i, i + 1), g) for g in groups for i in g]
+    return [(g, g) for g in groups]
 
 
 def peristalsis(cache: Cache, weights: Weights, target_layer: int, device: torch.device, dtype: torch.dtype,
@@ -1191,7 +1198,7 @@ def peristalsis(cache: Cache, weights: Weights, target_layer: int, device: torch
         cache.ram = {}
     t0, read0, written0, weights0 = time.perf_counter(), cache.bytes_read, cache.bytes_written, weights.bytes_read
     steps = pass_steps(cache.layer(), target_layer, blocks_per_pass, keep_in_ram)
-    layer = {(s, p["tokens"][0]): p["layer"] for s, p in cache.parts()}  # where each part is now (RAM or disk)
+    layer = {cache.key(s, p): p["layer"] for s, p in cache.parts()}  # where each part is now (RAM or disk)
     prefetch = ThreadPoolExecutor(1)
     ahead = prefetch.submit(read_group, weights, steps[0][0])
     bar = tqdm(total=target_layer - cache.layer(), desc="layers")
@@ -1204,11 +1211,11 @@ def peristalsis(cache: Cache, weights: Weights, target_layer: int, device: torch
             stats.max_live_blocks = max(stats.max_live_blocks, len(LIVE_BLOCKS))
             assert len(LIVE_BLOCKS) <= len(layers), f"{len(LIVE_BLOCKS)} blocks in memory, expected {len(layers)}"
             checkpoint = layers.stop == group.stop
-            todo = [(s, p) for s, p in cache.parts() if layer[s, p["tokens"][0]] < layers.stop]
+            todo = [(s, p) for s, p in cache.parts() if layer[cache.key(s, p)] < layers.stop]
             with PartIO(cache) as io:
                 for split, part, hidden in tqdm(io.reads(todo), total=len(todo), leave=False,
                                                 desc=f"blocks {layers.start}-{layers.stop - 1}"):
-                    key = (split, part["tokens"][0])
+                    key = cache.key(split, part)
                     off = cache.offsets(split)[part["samples"][0]:part["samples"][1] + 1]
                     run = [(i, blocks[i]) for i in range(max(layer[key], layers.start), layers.stop)]
                     new = run_part(runner, run, hidden, np.diff(off).tolist(), batch_tokens, cache.dtype, stats)
@@ -1421,6 +1428,11 @@ def print_plan(plan: dict) -> None:
         raise PelatunError(f"The cache needs {human_bytes(plan['cache_bytes'])} but only "
                            f"{human_bytes(plan['free_disk_bytes'])} is free. Free disk space, use less DATA or a "
                            f"shorter CONTEXT_LENGTH, or point ACTIVATIONS_DIR at a bigger disk.")
+
+
+def head_dim(config) -> int:
+    """Width of one attention head (config.head_dim where the model sets it)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def block_parameter_count(config) -> int:
@@ -1923,7 +1935,7 @@ def predict_train_peak(config, train_layers: int, tokens: int, optimizer: str = 
     # activations: 16-bit under CUDA autocast; on CPU (no autocast) in the weights' dtype
     cb = (compute_dtype or (torch.bfloat16 if cuda else pick_master_dtype(master_dtype))).itemsize
     H, I, V, L, T = config.hidden_size, config.intermediate_size, config.vocab_size, train_layers, tokens
-    hd = getattr(config, "head_dim", None) or H // config.num_attention_heads
+    hd = head_dim(config)
     nh, kv = config.num_attention_heads, config.num_key_value_heads * hd
     block_shapes = block_parameter_shapes(config)
     block = [math.prod(s) for s in block_shapes]  # one block's tensors

@@ -177,9 +177,14 @@ def return_freed_memory() -> bool:
     return set_malloc(64 << 10, 128 << 10)
 
 
+def heap_kept_bytes(batch_bytes: int) -> int:
+    """Freed memory the pass's heap keeps for the next batch and block: one batch's activations, 64 MiB at least."""
+    return max(64 << 20, batch_bytes)
+
+
 def keep_freed_memory(batch_bytes: int = 0) -> bool:
-    """The pass on a CPU: keep freed blocks of up to 64 MiB, and up to `batch_bytes` of them in all (one batch's
-    activations; 128 MiB at least), in the heap for the next batch and block; True if set.
+    """The pass on a CPU: keep freed blocks of up to 64 MiB, and up to heap_kept_bytes(batch_bytes) of them in all,
+    in the heap for the next batch and block; True if set.
 
     By default glibc maps a large activation fresh from the OS and zero-fills its pages on first touch, and gives the
     heap's top back once 128 MiB of it are free, which happens between two blocks; profiling the pass showed those
@@ -188,13 +193,54 @@ def keep_freed_memory(batch_bytes: int = 0) -> bool:
     and keeping them in the heap fragments it (measured on the 7B shape). `release_freed_memory()` gives the heap
     back afterwards.
     """
-    return set_malloc(64 << 20, max(128 << 20, batch_bytes))
+    return set_malloc(64 << 20, heap_kept_bytes(batch_bytes))
 
 
 def release_freed_memory() -> None:
     """Give the heap's free memory back to the OS (glibc malloc_trim), so RSS drops to what is alive."""
     if (libc := glibc()) is not None:
         libc.malloc_trim(0)
+
+
+def heap_unused_bytes() -> int:
+    """Resident anonymous memory that malloc has not handed out: freed memory glibc's heap keeps, plus a roughly
+    constant share of the interpreter's own (RssAnon minus mallinfo2's in-use bytes); 0 where it cannot tell."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                         "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    libc = glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):  # glibc 2.33+
+        return 0
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    status = Path("/proc/self/status").read_text()
+    anon = int(re.search(r"RssAnon:\s+(\d+) kB", status).group(1)) << 10
+    return anon - info.uordblks - info.hblkhd
+
+
+class HeapCap:
+    """Holds the freed memory glibc's heap keeps (keep_freed_memory) under `limit` bytes, giving it back when it
+    outgrows that.
+
+    Batches of different shapes and tensors that outlive a batch (a part's new hidden states, the next block read
+    ahead) fragment the heap. Measured on the default pass, in batch_activation_bytes: 1.6-1.8 unused in a plain
+    process; in a Jupyter kernel the heap grew block after block, to 1.4 GiB (5) at the end. The pass caps it at 2.
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.trims = limit, 0
+        self.floor = heap_unused_bytes()  # what the interpreter holds besides freed heap memory (about constant)
+
+    def check(self) -> bool:
+        """Give the heap's freed memory back if it holds more than the limit; True if it did."""
+        if heap_unused_bytes() - self.floor <= self.limit:
+            return False
+        release_freed_memory()
+        self.floor = min(self.floor, heap_unused_bytes())
+        self.trims += 1
+        return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1005,6 +1051,7 @@ class PassStats:
     weight_bytes_read: int = 0
     max_live_blocks: int = 0
     token_slots: int = 0  # tokens computed by a block, empty slots at the tails of packed rows included
+    heap_trims: int = 0  # times the heap held over two batches of freed memory and gave it back (CPU)
     seconds: float = 0.0
     io_wait_seconds: float = 0.0
 
@@ -1128,9 +1175,10 @@ def pack_batch(rows: list[list[int]], lengths: list[int], starts: list[int]) -> 
 
 
 def run_part(runner: BlockRunner, blocks: list[tuple[int, torch.nn.Module]], hidden: torch.Tensor,
-             lengths: list[int], batch_tokens: int, storage: torch.dtype, stats: PassStats | None = None) -> torch.Tensor:
+             lengths: list[int], batch_tokens: int, storage: torch.dtype, stats: PassStats | None = None,
+             heap: HeapCap | None = None) -> torch.Tensor:
     """A part's hidden states [n_tokens, hidden] through the blocks, samples packed into rows (no padding
-    beyond each row's tail), batch by batch; returns the new ones."""
+    beyond each row's tail), batch by batch, the heap checked after each; returns the new ones."""
     starts = np.concatenate([[0], np.cumsum(lengths)]).tolist()
     out = torch.empty_like(hidden)
     for rows in pack_rows(lengths, batch_tokens, row_width(runner.config, lengths, batch_tokens)):
@@ -1145,6 +1193,8 @@ def run_part(runner: BlockRunner, blocks: list[tuple[int, torch.nn.Module]], hid
         x[real_on_device] = rows_in.to(runner.device, non_blocking=True).to(runner.dtype)
         y = runner.run(blocks, x, None, round_to=storage, position_ids=pos.to(runner.device))
         out[index[real]] = y[real_on_device].to("cpu", storage)
+        if heap is not None:
+            heap.check()
         if stats is not None:
             stats.token_slots += index.numel() * len(blocks)
     return out
@@ -1192,8 +1242,11 @@ def peristalsis(cache: Cache, weights: Weights, target_layer: int, device: torch
     if cache.layer() < 0:
         raise PelatunError("Some parts of the cache are not embedded yet: run embed() first.")
     runner = BlockRunner(weights.config, device, dtype)
-    if device.type == "cpu":
-        keep_freed_memory(batch_activation_bytes(weights.config, batch_tokens, dtype))
+    heap = None
+    if device.type == "cpu":  # freed activations kept for the next batch and block, at most two batches' worth
+        batch = batch_activation_bytes(weights.config, batch_tokens, dtype)
+        keep_freed_memory(batch)
+        heap = HeapCap(2 * heap_kept_bytes(batch))
     if keep_in_ram and cache.ram is None:
         cache.ram = {}
     t0, read0, written0, weights0 = time.perf_counter(), cache.bytes_read, cache.bytes_written, weights.bytes_read
@@ -1218,7 +1271,8 @@ def peristalsis(cache: Cache, weights: Weights, target_layer: int, device: torch
                     key = cache.key(split, part)
                     off = cache.offsets(split)[part["samples"][0]:part["samples"][1] + 1]
                     run = [(i, blocks[i]) for i in range(max(layer[key], layers.start), layers.stop)]
-                    new = run_part(runner, run, hidden, np.diff(off).tolist(), batch_tokens, cache.dtype, stats)
+                    new = run_part(runner, run, hidden, np.diff(off).tolist(), batch_tokens, cache.dtype, stats,
+                                   heap)
                     layer[key] = layers.stop
                     if checkpoint:
                         io.write(split, part, new, layers.stop)
@@ -1239,6 +1293,7 @@ def peristalsis(cache: Cache, weights: Weights, target_layer: int, device: torch
     stats.hidden_bytes_read = cache.bytes_read - read0
     stats.hidden_bytes_written = cache.bytes_written - written0
     stats.weight_bytes_read = weights.bytes_read - weights0
+    stats.heap_trims = heap.trims if heap else 0
     stats.seconds = time.perf_counter() - t0
     return stats
 
@@ -1285,7 +1340,9 @@ def pass_memory(config, g: int, more_groups: bool, device: torch.device, dtype: 
     device_parts = {"baseline": baseline, "blocks": g * block * dtype.itemsize}
     batch = batch_activation_bytes(config, batch_tokens, dtype)
     moments = {
-        # on a CPU a later group loads while the last batch's freed activations are kept for reuse (keep_freed_memory)
+        # on a CPU a later group loads while the last batch's freed activations are kept for reuse (keep_freed_memory;
+        # measured in a plain process, the batch estimate covers a batch and what the heap keeps. In a Jupyter kernel
+        # the heap fragments more, and HeapCap lets it keep up to one estimate more before it gives memory back)
         "loading a group": ({"freed batch memory kept": batch if more_groups and not cuda else 0},
                             {"raw group being converted": raw if cuda or dtype != weight_dtype else 0,
                              "hidden states in RAM": ram_bytes}),

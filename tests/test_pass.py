@@ -1,6 +1,10 @@
 """The peristaltic pass: the cache holds exactly what transformers' full forward computes."""
 import gc
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,3 +277,37 @@ def test_pass_memory_is_the_larger_moment(tiny_model):
     # computing in the stored dtype on a CPU converts nothing: no second copy while loading
     m = pu.pass_memory(config, 2, False, cpu, torch.float32, torch.float32, batch_tokens=1, **args)
     assert m["total"] == max(2 * block * 4, 2 * block * 4 + m["parts"].get("batch activations", 0) + 6000)
+
+
+HEAP_CHECK = r"""
+import json, sys, torch
+import pelatun_utils as pu
+mib = 1 << 20
+pu.keep_freed_memory(1024 * mib)  # keep everything freed: no trim, nothing mapped apart
+cap = pu.HeapCap(64 * mib)
+quiet = cap.check()
+keep, big = [], []
+for _ in range(48):  # 8 MiB blocks with a small long-lived tensor after each: the freed blocks cannot be trimmed
+    big.append(torch.ones(2 * mib))
+    keep.append(torch.ones(16 * 1024))
+del big
+held = pu.heap_unused_bytes() - cap.floor
+trimmed = cap.check()
+print(json.dumps({"quiet": quiet, "held": held, "trimmed": trimmed, "after": pu.heap_unused_bytes() - cap.floor}))
+"""
+
+
+def test_heap_cap_gives_back_freed_memory_past_its_limit():
+    """Freed memory pinned under long-lived tensors stays resident; HeapCap gives it back once it outgrows the limit
+    (in a subprocess: malloc settings are per process)."""
+    if not (pu.glibc() and hasattr(pu.glibc(), "mallinfo2")):
+        pytest.skip("needs Linux with glibc 2.33+ (mallinfo2)")
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", HEAP_CHECK], capture_output=True, text=True, cwd=root, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    mib = 1 << 20
+    assert not out["quiet"]  # nothing freed yet: nothing to give back
+    assert out["held"] > 300 * mib  # 48 x 8 MiB freed, still resident
+    assert out["trimmed"] and out["after"] < 64 * mib

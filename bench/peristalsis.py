@@ -26,6 +26,7 @@ Usage:
   python bench/peristalsis.py --models smollm2  # one model
   python bench/peristalsis.py --smoke           # tiny sizes, a minute or two, to check the plumbing
   python bench/peristalsis.py --table           # Markdown table from bench/results/peristalsis.json
+  python bench/peristalsis.py --device cuda --models syn7b --threads 8   # on a GPU (bench/gpu_check.sh)
 """
 from __future__ import annotations
 
@@ -71,8 +72,8 @@ SMOKE = {"smollm2": {"ns": [4, 8], "reps": {4: 1, 8: 2}}, "syn7b": {"ns": [2, 4]
 # ----------------------------------------------------------------------------------------------
 # Worker side (a fresh process per contender x N)
 
-def worker_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS), TQDM_DISABLE="1",
+def worker_env(threads: int = THREADS) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE="1",
                HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
                PYTHONWARNINGS="ignore", HF_HUB_DISABLE_PROGRESS_BARS="1")
     return env
@@ -127,12 +128,12 @@ class Pelatun:
         import torch
         import pelatun_utils as pu
         self.pu, self.spec, self.schedule = pu, spec, schedule
-        self.cpu = torch.device("cpu")
+        self.device = torch.device(spec.get("device", "cpu"))
         self.model_dir = Path(spec["model_dir"])
         self.config = pu.read_config(self.model_dir)
         self.weights = pu.Weights(self.model_dir, self.config)
         self.weight_dtype = pu.model_dtype(self.weights)
-        self.dtype = pu.pick_compute_dtype("auto", self.cpu, self.weight_dtype)
+        self.dtype = pu.pick_compute_dtype("auto", self.device, self.weight_dtype)
         self.target = self.config.num_hidden_layers - TRAIN_LAYERS
         self.budget = int(spec["memory_budget_gib"] * 2**30)
         self.act = Path(spec["work"]) / f"act_{schedule}_{spec['n']}"
@@ -146,7 +147,7 @@ class Pelatun:
             "storage_dtype": pu.dtype_name(self.weight_dtype), "compute_dtype": pu.dtype_name(self.dtype)})
 
     def plan(self, cache) -> dict:
-        return self.pu.plan_pass(cache, self.config, self.target, self.cpu, self.dtype, self.weight_dtype,
+        return self.pu.plan_pass(cache, self.config, self.target, self.device, self.dtype, self.weight_dtype,
                                  batch_tokens=PASS_BATCH_TOKENS, part_tokens=PART_TOKENS,
                                  memory_budget=self.budget, blocks_per_pass=0 if self.schedule == "plan" else 1)
 
@@ -164,9 +165,9 @@ class Pelatun:
         keep = plan["keep_in_ram"] if self.schedule == "plan" else False  # the seed had no RAM mode
         cache.ram = {} if keep else None
         t2 = time.perf_counter()
-        e = pu.embed(cache, self.weights, self.cpu, self.dtype)
+        e = pu.embed(cache, self.weights, self.device, self.dtype)
         t3 = time.perf_counter()
-        st = pu.peristalsis(cache, self.weights, self.target, self.cpu, self.dtype, PASS_BATCH_TOKENS,
+        st = pu.peristalsis(cache, self.weights, self.target, self.device, self.dtype, PASS_BATCH_TOKENS,
                             plan["blocks_per_pass"], keep)
         t4 = time.perf_counter()
         tokens = sum(len(s.ids) for s in samples)
@@ -203,7 +204,7 @@ class Pelatun:
         bt = self.spec.get("calibrate_batch_tokens")
         if bt:
             cal_plan["batch_tokens"] = min(bt, PASS_BATCH_TOKENS)
-        pu.calibrate(cal_plan, self.weights, cache, self.cpu, self.dtype)
+        pu.calibrate(cal_plan, self.weights, cache, self.device, self.dtype)
         shutil.rmtree(act, ignore_errors=True)
         keys = ("seconds_per_token_block", "disk_bytes_per_second", "estimated_compute_seconds", "estimated_io_seconds",
                 "estimated_seconds", "batch_tokens")
@@ -224,21 +225,29 @@ class HF:
         self.model_dir = Path(spec["model_dir"])
         self.config = pu.read_config(self.model_dir)
         self.L = self.config.num_hidden_layers
-        self.info = {"compute_dtype": "torch.float32", "batch_tokens": PASS_BATCH_TOKENS}
-        dtype = torch.float32  # what PeLaTun computes in on a CPU (pick_compute_dtype 'auto')
+        self.device = device = torch.device(spec.get("device", "cpu"))
+        cuda = device.type == "cuda"
+        self.storage = pu.model_dtype(pu.Weights(self.model_dir, self.config))
+        # what PeLaTun computes in (pick_compute_dtype 'auto'): float32 on a CPU, 16-bit on a GPU
+        self.dtype = dtype = pu.pick_compute_dtype("auto", device, self.storage)
+        self.info = {"compute_dtype": str(dtype), "batch_tokens": PASS_BATCH_TOKENS, "device": str(device)}
+        name = pu.dtype_name(dtype)
         if kind in ("floor", "floor_malloc"):
             from transformers import AutoModelForCausalLM
             if kind == "floor_malloc":
                 # the allocator setting PeLaTun's pass uses on a CPU, for the same batch size
                 pu.keep_freed_memory(pu.batch_activation_bytes(self.config, PASS_BATCH_TOKENS, dtype))
-            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype, attn_implementation="sdpa",
+                                                         device_map=str(device) if cuda else None)
             base = model.model
-            self.info["load"] = "AutoModelForCausalLM.from_pretrained(dtype=float32, attn_implementation='sdpa'), whole model in RAM"
+            self.info["load"] = (f"AutoModelForCausalLM.from_pretrained(dtype={name}, attn_implementation='sdpa'"
+                                 f"{', device_map=cuda' if cuda else ''}), the whole model in {'GPU memory' if cuda else 'RAM'}")
         elif kind == "accelerate":
             from transformers import AutoModelForCausalLM
             tied = bool(getattr(self.config, "tie_word_embeddings", False))
-            device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu",
-                          "lm_head": "cpu" if tied else "disk",
+            main = 0 if cuda else "cpu"  # accelerate runs the disk-offloaded blocks on the main device
+            device_map = {"model.embed_tokens": main, "model.rotary_emb": main, "model.norm": main,
+                          "lm_head": main if tied else "disk",
                           **{f"model.layers.{i}": "disk" for i in range(self.L)}}
             off = Path(spec["work"]) / f"offload_{spec['n']}"
             shutil.rmtree(off, ignore_errors=True)
@@ -246,11 +255,11 @@ class HF:
                                                          device_map=device_map, offload_folder=str(off))
             base = model.model
             self.offload = off
-            self.info["load"] = (f"AutoModelForCausalLM.from_pretrained(dtype=float32, device_map=every model.layers.N "
+            self.info["load"] = (f"AutoModelForCausalLM.from_pretrained(dtype={name}, device_map=every model.layers.N "
                                  f"and {'' if tied else 'lm_head '}on 'disk', offload_folder=...)")
         elif kind == "airllm":
             import airllm
-            am = airllm.AutoModel.from_pretrained(str(self.model_dir), device="cpu", dtype=dtype,
+            am = airllm.AutoModel.from_pretrained(str(self.model_dir), device="cuda:0" if cuda else "cpu", dtype=dtype,
                                                   layer_shards_saving_path=str(Path(spec["work"]) / "airllm_split"))
             self.am = am
             model = am.model
@@ -258,7 +267,7 @@ class HF:
             # idx of block L-1 in AirLLM's streamed list (embed is 0): never prefetch the block that the
             # cut model does not run (a real (L-1)-block model would not have it)
             am._streamed_set.discard(self.L)
-            self.info["load"] = ("airllm.AutoModel.from_pretrained(dir, device='cpu', dtype=float32, "
+            self.info["load"] = (f"airllm.AutoModel.from_pretrained(dir, device={'cuda:0' if cuda else 'cpu'!r}, dtype={name}, "
                                  "layer_shards_saving_path=...), prefetching on (default)")
             self.info["airllm_version"] = getattr(airllm, "__version__", None)
         else:
@@ -279,8 +288,9 @@ class HF:
             for b in batches:
                 ids, mask = pu.pad_batch([torch.tensor(samples[i].ids, dtype=torch.long) for i in b], 0)
                 padded += ids.numel()
-                hs = self.base(input_ids=ids, attention_mask=mask, output_hidden_states=True,
-                               use_cache=False).hidden_states[-1]
+                hs = self.base(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                               output_hidden_states=True, use_cache=False).hidden_states[-1]
+                hs = hs.cpu()  # on the host, as PeLaTun's cache is
                 for j, i in enumerate(b):
                     out[i] = hs[j, :lengths[i]]
         dt = time.perf_counter() - t0
@@ -294,9 +304,7 @@ class HF:
     def hidden_rounded(self, samples, data: Path):
         """The same forward with every block's output rounded to the model's 16-bit dtype, as PeLaTun stores it
         (not timed): PeLaTun's hidden states should match these, not just come close."""
-        torch = self.torch
-        storage = self.pu.model_dtype(self.pu.Weights(self.model_dir, self.config))
-        hooks = [layer.register_forward_hook(lambda m, i, o: o.to(storage).to(torch.float32)) for layer in self.base.layers]
+        hooks = [layer.register_forward_hook(lambda m, i, o: o.to(self.storage).to(self.dtype)) for layer in self.base.layers]
         try:
             self.run(samples, data)
         finally:
@@ -341,8 +349,9 @@ def worker_main(spec_path: str) -> None:
         import resource
         import numpy as np
         import torch
-        torch.set_num_threads(THREADS)
+        torch.set_num_threads(spec.get("threads", THREADS))
         import pelatun_utils as pu
+        device = torch.device(spec.get("device", "cpu"))
         t0 = time.perf_counter()
         samples, data = load_samples(spec)
         kind = spec["contender"]
@@ -359,6 +368,8 @@ def worker_main(spec_path: str) -> None:
         ready = {"ready": True, "setup_seconds": setup, "warmup_seconds": warmup, "warmup_samples": len(warm),
                  "ids_sha256": ids_sha256(samples), "tokens": sum(len(s.ids) for s in samples),
                  "info": runner.info, "rss_after_setup": rss_now(), "torch_threads": torch.get_num_threads()}
+        if device.type == "cuda":
+            ready["gpu_memory_after_setup"] = torch.cuda.memory_allocated(device)
         if kind.startswith("pelatun"):
             t1 = time.perf_counter()
             ready["calibrate"] = runner.calibrate(samples, data)
@@ -367,6 +378,7 @@ def worker_main(spec_path: str) -> None:
             ready["offload_folder_bytes"] = (sum(p.stat().st_size for p in runner.offload.rglob("*") if p.is_file())
                                              if runner.offload.exists() else 0)
         pu.peak_memory_reset(torch.device("cpu"))  # VmHWM from here on = the timed repeats
+        pu.peak_memory_reset(device)  # and the CUDA allocator's peak, on a GPU
         send(ready)
     except Exception as e:
         send({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
@@ -379,17 +391,20 @@ def worker_main(spec_path: str) -> None:
                 r = runner.run(samples, data)
                 u1 = resource.getrusage(resource.RUSAGE_SELF)
                 r["cpu_seconds"] = (u1.ru_utime + u1.ru_stime) - (u0.ru_utime + u0.ru_stime)
-                if kind == "floor":
+                if kind == "floor" and device.type == "cpu":
                     r["probe"] = barrier_probe()
                 send(r)
             elif cmd["cmd"] == "finish":
                 h = runner.hidden()
+                hwm, kind_hwm = pu.peak_memory(torch.device("cpu"))  # the timed repeats' peaks, before the re-run below
+                done = {"peak_rss_timed_bytes": hwm, "peak_rss_timed_kind": kind_hwm, "hidden_shape": list(h.shape)}
+                if device.type == "cuda":
+                    done["peak_gpu_timed_bytes"], done["peak_gpu_kind"] = pu.peak_memory(device)
                 np.save(cmd["hidden_path"], h.astype(np.float32))
                 if cmd.get("rounded_path"):
                     np.save(cmd["rounded_path"], runner.hidden_rounded(samples, data).astype(np.float32))
-                hwm, kind_hwm = pu.peak_memory(torch.device("cpu"))
-                send({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      "peak_rss_timed_bytes": hwm, "peak_rss_timed_kind": kind_hwm, "hidden_shape": list(h.shape)})
+                done["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                send(done)
                 return
         except Exception as e:
             send({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
@@ -408,7 +423,7 @@ class Worker:
         self.logf = open(log, "w")
         self.p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(path)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.logf, text=True,
-                                  env=worker_env(), cwd=str(ROOT))
+                                  env=worker_env(spec.get("threads", THREADS)), cwd=str(ROOT))
 
     def recv(self) -> dict:
         line = self.p.stdout.readline()
@@ -454,13 +469,20 @@ def versions() -> dict:
     return out
 
 
-def machine() -> dict:
+def machine(device: str = "cpu", threads: int = THREADS) -> dict:
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor())
     mem = next(int(l.split()[1]) * 1024 for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
     return {"cores": os.cpu_count(), "ram_bytes": mem, "cpu": cpu, "python": platform.python_version(),
-            "os": platform.platform(), "versions": versions(), "torch_threads": THREADS, "device": "cpu",
-            "loadavg_at_start": os.getloadavg()}
+            "os": platform.platform(), "versions": versions(), "torch_threads": threads, "device": device,
+            "gpu": gpu_name() if device == "cuda" else None, "loadavg_at_start": os.getloadavg()}
+
+
+def gpu_name() -> str:
+    """The GPU's name, asked of a child process (the orchestrator keeps torch out of its own)."""
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name())"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() or f"unknown ({out.stderr.strip().splitlines()[-1:] or 'no output'})"
 
 
 def compare(floor_path: Path, path: Path) -> dict:
@@ -475,15 +497,12 @@ def compare(floor_path: Path, path: Path) -> dict:
 
 
 def run_size(model: str, cfg: dict, n: int, reps: int, work: Path, contenders: list[str], log) -> dict:
-    """All contenders for one N: start each fresh worker (one at a time), rounds of interleaved repeats, compare."""
+    """All contenders for one N: start each fresh worker (one at a time; all at once on a GPU machine, where the
+    cores and memory allow it), rounds of interleaved repeats, compare."""
     res = {"n": n, "reps": reps, "contenders": {}, "rounds": []}
     workers = {}
-    for c in contenders:
-        spec = {"model": model, "model_dir": cfg["model_dir"], "n": n, "ns_all": cfg.get("ns_all", cfg["ns"]), "contender": c,
-                "work": str(work), "memory_budget_gib": cfg["memory_budget_gib"],
-                "sample_tokens": cfg.get("sample_tokens"), "calibrate_batch_tokens": cfg.get("calibrate_batch_tokens")}
-        log(f"[{model} N={n}] start {c}")
-        w = Worker(spec, work / "logs" / f"{model}_{c}_{n}.log")
+
+    def ready(c: str, w: Worker) -> None:
         r = w.recv()
         rec = {"status": "ok", "seconds": [], "tokens_per_second": [], "cpu_seconds": [], "runs": []}
         if "error" in r:
@@ -495,6 +514,22 @@ def run_size(model: str, cfg: dict, n: int, reps: int, work: Path, contenders: l
             workers[c] = w
             log(f"[{model} N={n}] {c} ready: setup {r['setup_seconds']:.1f} s, warm-up {r['warmup_seconds']:.1f} s")
         res["contenders"][c] = rec
+
+    starting = []
+    for c in contenders:
+        spec = {"model": model, "model_dir": cfg["model_dir"], "n": n, "ns_all": cfg.get("ns_all", cfg["ns"]), "contender": c,
+                "work": str(work), "memory_budget_gib": cfg["memory_budget_gib"],
+                "sample_tokens": cfg.get("sample_tokens"), "calibrate_batch_tokens": cfg.get("calibrate_batch_tokens"),
+                "device": cfg.get("device", "cpu"), "threads": cfg.get("threads", THREADS)}
+        log(f"[{model} N={n}] start {c}")
+        w = Worker(spec, work / "logs" / f"{model}_{c}_{n}.log")
+        if cfg.get("parallel_setup"):
+            starting.append((c, w))
+        else:
+            ready(c, w)
+    for c, w in starting:
+        ready(c, w)
+    res["contenders"] = {c: res["contenders"][c] for c in contenders}  # in the contenders' order
     shas = {res["contenders"][c].get("ids_sha256") for c in workers}
     res["same_token_ids"] = len(shas) == 1
     if len(shas) > 1:
@@ -567,7 +602,7 @@ def run_size(model: str, cfg: dict, n: int, reps: int, work: Path, contenders: l
     return res
 
 
-def prepare_model(model: str, work: Path, log) -> dict:
+def prepare_model(model: str, work: Path, log, tokenizer_from: Path) -> dict:
     cfg = {"work": str(work)}
     if model == "smollm2":
         sys.path.insert(0, str(ROOT))
@@ -577,11 +612,14 @@ def prepare_model(model: str, work: Path, log) -> dict:
         cfg["model_dir"] = out.stdout.strip().splitlines()[-1]
     else:
         d = work / "syn7b4"
+        if not (tokenizer_from / "tokenizer.json").exists():
+            raise FileNotFoundError(f"no tokenizer.json in {tokenizer_from}: run the notebook once (it converts SmolLM2 "
+                                    f"into models/) or pass --tokenizer-from DIR")
         t0 = time.perf_counter()
         # the tokenizer is copied only because AirLLM's constructor loads one; the ids are random (< 32000)
         subprocess.run([sys.executable, str(ROOT / "bench" / "make_synthetic.py"), "--shape", "7b", "--layers", "4",
                         "--dtype", "float16", "--out", str(d), "--force",
-                        "--tokenizer-from", str(ROOT / "models" / "SmolLM2-135M-Instruct")],
+                        "--tokenizer-from", str(tokenizer_from)],
                        cwd=str(ROOT), check=True, capture_output=True, text=True)
         cfg["model_dir"] = str(d)
         cfg["make_synthetic_seconds"] = time.perf_counter() - t0
@@ -641,7 +679,12 @@ NOTES = [
     "mmapped file pages the process touched. Workers of one N live at the same time (idle while others run).",
     "The machine is shared (load average recorded per round): absolute tokens/s are noisy; the per-round ratios are the "
     "numbers to quote, and cpu_seconds (user+sys of the worker, all threads) are less sensitive to the cores being taken.",
-    "barrier_probe (per round, from the floor worker): median ms of one [70, 576] bf16->float32 conversion with 2 threads "
+    "--device cuda (bench/gpu_check.sh): every contender computes on the GPU in the 16-bit dtype PeLaTun picks "
+    "(pick_compute_dtype 'auto'); the floor holds the whole model in GPU memory, accelerate runs its disk-offloaded "
+    "blocks on the GPU, AirLLM streams to cuda:0, and every contender's hidden states end on the host, where PeLaTun's "
+    "cache is. The workers of one N set up in parallel; floor_malloc (a CPU allocator setting) is not run. "
+    "peak_gpu_timed_bytes: torch.cuda.max_memory_allocated over the timed repeats.",
+    "barrier_probe (per round, from the floor worker, CPU only): median ms of one [70, 576] bf16->float32 conversion with 2 threads "
     "and with 1. When other processes hold the 2 cores, every small op that torch splits over 2 threads waits for the "
     "descheduled partner thread (milliseconds instead of microseconds).",
 ]
@@ -661,8 +704,9 @@ def main_run(args) -> None:
     # a merge keeps the first run's wall times and records its own beside them
     wall, total = ("merge_wall_seconds", "merge_total_wall_seconds") if previous else ("wall_seconds", "total_wall_seconds")
     result = {"benchmark": "bench/peristalsis.py", "created": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": " ".join(sys.argv), "smoke": args.smoke, "machine": machine(),
-              "settings": {"threads": THREADS, "pass_batch_tokens": PASS_BATCH_TOKENS, "part_tokens": PART_TOKENS,
+              "command": " ".join(sys.argv), "smoke": args.smoke, "machine": machine(args.device, args.threads),
+              "settings": {"device": args.device, "threads": args.threads, "pass_batch_tokens": PASS_BATCH_TOKENS,
+                           "part_tokens": PART_TOKENS,
                            "train_layers": TRAIN_LAYERS, "warmup_samples": WARMUP_SAMPLES,
                            "contenders": args.contenders},
               "notes": NOTES, "models": {}}
@@ -672,7 +716,7 @@ def main_run(args) -> None:
         result["merged_runs"] = previous.get("merged_runs", [{"created": previous.get("created"), "command": previous.get("command"),
                                                               "machine": previous.get("machine")}])
     for model in args.models:
-        cfg = dict(MODELS[model])
+        cfg = dict(MODELS[model], device=args.device, threads=args.threads, parallel_setup=args.device == "cuda")
         if args.smoke:
             cfg.update(SMOKE[model])
         if args.ns:
@@ -682,7 +726,7 @@ def main_run(args) -> None:
         (mwork / "logs").mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         try:
-            cfg.update(prepare_model(model, mwork, log))
+            cfg.update(prepare_model(model, mwork, log, Path(args.tokenizer_from)))
         except Exception as e:
             result["models"][model] = {"status": "error", "error": f"{type(e).__name__}: {e}"}
             continue
@@ -762,8 +806,12 @@ def table(result: dict) -> str:
         if m.get("status") == "error":
             lines.append(f"**{model}**: could not run ({m['error']})\n")
             continue
-        lines.append(f"**{m.get('name', model)}** ({result['machine']['cores']} cores, {result['machine']['cpu']}, "
-                     f"torch {result['machine']['versions']['torch']}, {THREADS} threads, float32 compute)\n")
+        mach, settings = result["machine"], result.get("settings", {})
+        first = next((size["contenders"] for size in m["sizes"].values()), {})
+        compute = next((rec["info"]["compute_dtype"] for rec in first.values() if "info" in rec), "torch.float32")
+        gpu = f"{mach['gpu']}, " if mach.get("gpu") else ""
+        lines.append(f"**{m.get('name', model)}** ({gpu}{mach['cores']} cores, {mach['cpu']}, torch {mach['versions']['torch']}, "
+                     f"{settings.get('threads', THREADS)} threads, {compute.replace('torch.', '')} compute)\n")
         lines.append("| contender | N | tokens/s | ratio to floor | tokens/CPU-s | CPU ratio to floor | peak RSS | max abs diff vs floor |")
         lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
         for n, size in m["sizes"].items():
@@ -783,7 +831,10 @@ def table(result: dict) -> str:
                 diff = rec.get("vs_floor", {}).get("max_abs_diff")
                 sdiff = "-" if diff is None else ("0" if diff == 0 else f"{diff:.3g}")
                 reps = len(rec.get("seconds", []))
-                lines.append(f"| {c} | {n} | {tps:.1f} ({reps}x) | {ratio} | {scps} | {cratio} | {human(rec.get('peak_rss_bytes'))} "
+                peak = human(rec.get("peak_rss_bytes"))
+                if rec.get("peak_gpu_timed_bytes") is not None:
+                    peak += f" (GPU {human(rec['peak_gpu_timed_bytes'])})"
+                lines.append(f"| {c} | {n} | {tps:.1f} ({reps}x) | {ratio} | {scps} | {cratio} | {peak} "
                              f"| {sdiff} |" if tps else f"| {c} | {n} | - | - | - | - | - | - |")
         lines.append("")
         rows = []
@@ -801,7 +852,7 @@ def table(result: dict) -> str:
         lines.append("")
     lines.append("tokens/s: median of the repeats (count in parentheses); ratios: median of per-round side-by-side "
                  "ratios (second table: wall / CPU-time); tokens/CPU-s: real tokens per second of the worker's user+sys "
-                 "CPU time (all threads), less sensitive to other processes taking the cores; peak RSS: ru_maxrss of a fresh process per contender and N; max abs diff: hidden states at "
+                 "CPU time (all threads), less sensitive to other processes taking the cores; peak RSS: ru_maxrss of a fresh process per contender and N (GPU: the CUDA allocator's peak during the timed repeats); max abs diff: hidden states at "
                  "the input of the last block vs the in-memory transformers forward (PeLaTun rounds to the model's "
                  "16-bit dtype after every block).")
     return "\n".join(lines)
@@ -819,6 +870,11 @@ def parse_args(argv=None):
     p.add_argument("--merge", action="store_true", help="update the sizes run in the existing --out JSON (the results "
                    "they replace are kept under the model's 'earlier_runs'), leaving everything else as it is")
     p.add_argument("--table", nargs="?", const=str(RESULTS), help="print the Markdown table of a results JSON and exit")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where every contender computes (cuda: "
+                   "16-bit compute as PeLaTun picks it, workers set up in parallel, no floor_malloc)")
+    p.add_argument("--threads", type=int, default=THREADS, help=f"torch threads per worker (default {THREADS})")
+    p.add_argument("--tokenizer-from", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"),
+                   help="tokenizer files for the synthetic model (AirLLM's constructor loads one; the ids are random)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.smoke and a.out == str(RESULTS):
@@ -832,6 +888,8 @@ def parse_args(argv=None):
     for c in a.contenders:
         if c not in CONTENDERS:
             p.error(f"unknown contender {c!r}")
+    if a.device == "cuda" and "floor_malloc" in a.contenders:
+        a.contenders.remove("floor_malloc")  # a CPU allocator setting: nothing to compare on a GPU
     return a
 
 

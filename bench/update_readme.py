@@ -31,7 +31,10 @@ def default_run_table(m: dict) -> str:
         ("blocks per pass (plan)", f"{m['plan']['blocks_per_pass']} of {m['plan']['blocks_to_run']}, "
                                    f"{'in RAM' if m['plan']['keep_in_ram'] else 'on disk'}"),
     ]
-    rows += [(f"{name}: seconds, peak memory ({p['peak_memory_kind']})", f"{p['seconds']:.0f} s, {gib(p['peak_memory_bytes'])}")
+    planned = {"embed": m["plan"].get("peak_memory_embed"), "peristalsis": m["plan"].get("peak_memory_pass"),
+               "train": m.get("train_plan", {}).get("total")}
+    rows += [(f"{name}: seconds, peak memory ({p['peak_memory_kind']})",
+              f"{p['seconds']:.0f} s, {gib(p['peak_memory_bytes'])}" + (f" (planned {gib(planned[name])})" if planned.get(name) else ""))
              for name, p in m["phases"].items()]
     if "total_seconds" in m:
         rows.append(("whole notebook", f"{m['total_seconds']:.0f} s"))

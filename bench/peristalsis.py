@@ -64,6 +64,10 @@ MODELS = {
         "data": "random token ids < 32000 (numpy default_rng(0)), N samples of 4-28 tokens (uniform, mean 16)",
         # calibrate() pushes batch_tokens tokens through one block twice; for a 7B block that is minutes
         "calibrate_batch_tokens": 256,
+        # on a GPU the blocks' compute is cheap: samples long enough that N = 16 / 64 / 256 take 1 / 3 / 9
+        # forward calls of PASS_BATCH_TOKENS, so the streaming tools re-read their weights more often as N grows
+        "gpu": {"sample_tokens": [128, 384], "reps": {16: 3, 64: 2, 256: 2},
+                "data": "random token ids < 32000 (numpy default_rng(0)), N samples of 128-384 tokens (uniform, mean 256)"},
     },
 }
 SMOKE = {"smollm2": {"ns": [4, 8], "reps": {4: 1, 8: 2}}, "syn7b": {"ns": [2, 4], "reps": {2: 1, 4: 1}, "sample_tokens": [2, 14]}}
@@ -682,12 +686,29 @@ NOTES = [
     "--device cuda (bench/gpu_check.sh): every contender computes on the GPU in the 16-bit dtype PeLaTun picks "
     "(pick_compute_dtype 'auto'); the floor holds the whole model in GPU memory, accelerate runs its disk-offloaded "
     "blocks on the GPU, AirLLM streams to cuda:0, and every contender's hidden states end on the host, where PeLaTun's "
-    "cache is. The workers of one N set up in parallel; floor_malloc (a CPU allocator setting) is not run. "
+    "cache is. The workers of one N set up in parallel; floor_malloc (a CPU allocator setting) is not run. The synthetic "
+    "7B's samples are 128-384 tokens there (MODELS['syn7b']['gpu']): N = 16 / 64 / 256 then take about 1 / 3 / 9 "
+    "forward calls of at most 8192 slots, so the streaming tools read their weights more often as N grows, as they do "
+    "on real data. "
     "peak_gpu_timed_bytes: torch.cuda.max_memory_allocated over the timed repeats.",
     "barrier_probe (per round, from the floor worker, CPU only): median ms of one [70, 576] bf16->float32 conversion with 2 threads "
     "and with 1. When other processes hold the 2 cores, every small op that torch splits over 2 threads waits for the "
     "descheduled partner thread (milliseconds instead of microseconds).",
 ]
+
+
+def model_settings(model: str, args) -> dict:
+    """A model's settings for this run: MODELS, with its GPU sizes on CUDA, tiny sizes for --smoke, and --ns."""
+    cfg = dict(MODELS[model], device=args.device, threads=args.threads, parallel_setup=args.device == "cuda")
+    gpu = cfg.pop("gpu", {})
+    if args.device == "cuda":
+        cfg.update(gpu)
+    if args.smoke:
+        cfg.update(SMOKE[model])
+    if args.ns:
+        cfg["ns_all"] = cfg["ns"]
+        cfg["ns"] = [n for n in args.ns if n in cfg["reps"]]
+    return cfg
 
 
 def main_run(args) -> None:
@@ -716,12 +737,7 @@ def main_run(args) -> None:
         result["merged_runs"] = previous.get("merged_runs", [{"created": previous.get("created"), "command": previous.get("command"),
                                                               "machine": previous.get("machine")}])
     for model in args.models:
-        cfg = dict(MODELS[model], device=args.device, threads=args.threads, parallel_setup=args.device == "cuda")
-        if args.smoke:
-            cfg.update(SMOKE[model])
-        if args.ns:
-            cfg["ns_all"] = cfg["ns"]
-            cfg["ns"] = [n for n in args.ns if n in cfg["reps"]]
+        cfg = model_settings(model, args)
         mwork = work / model
         (mwork / "logs").mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()

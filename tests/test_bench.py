@@ -1,4 +1,7 @@
 """bench/peristalsis.py's plumbing that needs no model: its options and its README table."""
+import numpy as np
+
+import pelatun_utils as pu
 from bench import peristalsis as bp
 
 
@@ -8,6 +11,17 @@ def test_cuda_runs_every_contender_but_the_cpu_allocator_setting():
     assert "floor_malloc" not in a.contenders and {"pelatun", "floor", "airllm", "accelerate"} <= set(a.contenders)
     assert "floor_malloc" in bp.parse_args([]).contenders  # on a CPU it runs
     assert bp.worker_env(8)["OMP_NUM_THREADS"] == "8"
+
+
+def test_gpu_samples_need_more_forward_calls_as_n_grows():
+    """On a GPU the synthetic 7B gets samples long enough that the streaming tools' forward calls grow with N."""
+    gpu = bp.model_settings("syn7b", bp.parse_args(["--device", "cuda"]))
+    cpu = bp.model_settings("syn7b", bp.parse_args([]))
+    assert gpu["parallel_setup"] and not cpu["parallel_setup"] and cpu["sample_tokens"] == [4, 28]
+    lo, hi = gpu["sample_tokens"]
+    lengths = np.random.default_rng(0).integers(lo, hi + 1, size=max(gpu["ns"])).tolist()  # as load_samples draws them
+    calls = [len(pu.make_batches(lengths[:n], bp.PASS_BATCH_TOKENS)) for n in gpu["ns"]]
+    assert calls == sorted(calls) and calls[0] == 1 and calls[-1] >= 8
 
 
 def test_table_names_the_gpu_its_dtype_and_peaks():

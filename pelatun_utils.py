@@ -26,6 +26,8 @@ import os
 import re
 import shutil
 import struct
+import subprocess
+import sys
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -299,12 +301,28 @@ def find_smollm2_gguf() -> Path:
 
 
 def convert_smollm2(out: Path) -> Path:
-    """Convert the packaged SmolLM2-135M-Instruct GGUF once into a sharded bf16 safetensors directory."""
+    """Convert the packaged SmolLM2-135M-Instruct GGUF once into a sharded bf16 safetensors directory.
+
+    The conversion runs in a child process: in the notebook's own process it left the heap fragmented, and every
+    later phase peaked higher (measured in a Jupyter kernel: pass 1.32 vs 0.77 GiB, training 1.75 vs 1.19 GiB).
+    """
     if (out / "model.safetensors.index.json").exists():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
     gguf = find_smollm2_gguf()
     print(f"Converting {gguf.name} into {out} (once)...")
+    here = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    code = "import sys, pelatun_utils as pu; pu.write_smollm2(pu.Path(sys.argv[1]), pu.Path(sys.argv[2]))"
+    r = subprocess.run([sys.executable, "-c", code, str(gguf), str(out)], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise PelatunError(f"Converting {gguf} into {out} failed:\n{r.stderr.strip()[-2000:]}\nCheck the packages of "
+                           f"requirements.txt (gguf, accelerate) and the free disk, then rerun.")
+    return out
+
+
+def write_smollm2(gguf: Path, out: Path) -> None:
+    """The conversion itself: transformers dequantizes the GGUF; bf16 shards of 60 MB and the tokenizer are saved."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = src.config
@@ -317,10 +335,6 @@ def convert_smollm2(out: Path) -> Path:
     model.to(torch.bfloat16).save_pretrained(tmp, max_shard_size="60MB")
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, out)
-    del src, model
-    gc.collect()
-    release_freed_memory()  # the phases measured later start from what is alive, not the conversion's leftovers
-    return out
 
 
 def read_config(model_dir: str | Path, trust_remote_code: bool = False):

@@ -70,6 +70,19 @@ def test_resolve_hub_id_offline(tmp_path):
     assert isinstance(e.value.__cause__, Exception)
 
 
+def test_smollm2_conversion_failure_is_reported_and_leaves_nothing(tmp_path, monkeypatch):
+    """The one-time conversion runs in a child process; its failure comes back as a PelatunError with the cause,
+    and no half-written model directory is left behind."""
+    bogus = tmp_path / "pkg" / pu.SMOLLM2_GGUF
+    bogus.parent.mkdir()
+    bogus.write_bytes(b"not a gguf file")
+    monkeypatch.setattr(pu, "find_smollm2_gguf", lambda: bogus)
+    with pytest.raises(pu.PelatunError, match="failed") as e:
+        pu.resolve_model("smollm2-135m", tmp_path / "models")
+    assert "Traceback" in str(e.value) or "Error" in str(e.value)
+    assert not (tmp_path / "models" / "SmolLM2-135M-Instruct").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Refused checkpoints
 

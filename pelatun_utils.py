@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import ctypes
 import errno
+import functools
 import gc
 import hashlib
 import importlib
@@ -151,11 +153,11 @@ def write_json_atomic(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
+@functools.cache
 def glibc():
     """The C library when it is Linux's glibc (mallopt, malloc_trim), else None."""
     if not Path("/proc/self/status").exists():
         return None
-    import ctypes
     try:
         libc = ctypes.CDLL("libc.so.6")
         return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
@@ -204,16 +206,17 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+class MallInfo2(ctypes.Structure):
+    """glibc's struct mallinfo2 (2.33+): the heap's statistics in bytes."""
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
 def heap_unused_bytes() -> int:
     """Resident anonymous memory that malloc has not handed out: freed memory glibc's heap keeps, plus a roughly
     constant share of the interpreter's own (RssAnon minus mallinfo2's in-use bytes); 0 where it cannot tell."""
-    import ctypes
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-                                                         "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
     libc = glibc()
-    if libc is None or not hasattr(libc, "mallinfo2"):  # glibc 2.33+
+    if libc is None or not hasattr(libc, "mallinfo2"):
         return 0
     libc.mallinfo2.restype = MallInfo2
     info = libc.mallinfo2()

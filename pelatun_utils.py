@@ -22,6 +22,7 @@ import gc
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -1012,11 +1013,11 @@ class BlockRunner:
     def masks(self, x: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor) -> dict:
         """{'full_attention': mask, 'sliding_attention': mask} as the model's forward builds them."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-        kw = dict(config=self.config, inputs_embeds=x, attention_mask=attention_mask, cache=None,
-                  position_ids=position_ids)
-        out = {"full_attention": create_causal_mask(**kw)}
+        out = {"full_attention": create_causal_mask(**mask_arguments(create_causal_mask, self.config, x, attention_mask,
+                                                                     position_ids))}
         if getattr(self.config, "sliding_window", None):
-            out["sliding_attention"] = create_sliding_window_causal_mask(**kw)
+            out["sliding_attention"] = create_sliding_window_causal_mask(**mask_arguments(
+                create_sliding_window_causal_mask, self.config, x, attention_mask, position_ids))
         return out
 
     def layer_type(self, i: int) -> str:
@@ -1047,6 +1048,19 @@ class BlockRunner:
             for i, block in blocks:
                 x = self.run([(i, block)], x, attention_mask, round_to, position_ids)
         return check_finite(y, blocks[-1][0], round_to)
+
+
+def mask_arguments(make_mask, config, x: torch.Tensor, attention_mask: torch.Tensor | None,
+                   position_ids: torch.Tensor) -> dict:
+    """Keyword arguments of transformers' mask builders, whose names changed within 5.x: inputs_embeds (input_embeds
+    in 5.0), the KV cache, none here (past_key_values, 'cache' from 5.2x), cache_position (up to 5.5)."""
+    params = inspect.signature(make_mask).parameters
+    kw = {"config": config, "attention_mask": attention_mask, "position_ids": position_ids,
+          "inputs_embeds" if "inputs_embeds" in params else "input_embeds": x,
+          "cache" if "cache" in params else "past_key_values": None}
+    if "cache_position" in params:
+        kw["cache_position"] = torch.arange(x.shape[1], device=x.device)
+    return kw
 
 
 def check_finite(x: torch.Tensor, layer: int, dtype: torch.dtype | None = None) -> torch.Tensor:

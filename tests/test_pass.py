@@ -311,3 +311,24 @@ def test_heap_cap_gives_back_freed_memory_past_its_limit():
     assert not out["quiet"]  # nothing freed yet: nothing to give back
     assert out["held"] > 300 * mib  # 48 x 8 MiB freed, still resident
     assert out["trimmed"] and out["after"] < 64 * mib
+
+
+def test_mask_arguments_follow_each_transformers_signature():
+    """create_causal_mask's argument names changed within transformers 5.x; the pass names them as each version does
+    (the pass tests passed by hand against 5.0, 5.5, 5.17 and 5.25)."""
+    def v5_0(config, input_embeds, attention_mask, cache_position, past_key_values, position_ids=None):
+        pass
+
+    def v5_17(config, inputs_embeds, attention_mask, past_key_values, position_ids=None):
+        pass
+
+    def v5_25(config, inputs_embeds, attention_mask, cache, position_ids=None, *, past_key_values=None):
+        pass
+
+    x, pos = torch.zeros(2, 5, 8), torch.arange(5).unsqueeze(0)
+    for fn in (v5_0, v5_17, v5_25):
+        kw = pu.mask_arguments(fn, "config", x, None, pos)
+        fn(**kw)  # every required argument given, none unknown
+        assert kw["position_ids"] is pos and kw.get("inputs_embeds", kw.get("input_embeds")) is x
+    assert pu.mask_arguments(v5_0, "config", x, None, pos)["cache_position"].tolist() == [0, 1, 2, 3, 4]
+    assert "cache" in pu.mask_arguments(v5_25, "config", x, None, pos)

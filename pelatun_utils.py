@@ -307,8 +307,9 @@ def find_smollm2_gguf() -> Path:
 def convert_smollm2(out: Path) -> Path:
     """Convert the packaged SmolLM2-135M-Instruct GGUF once into a sharded bf16 safetensors directory.
 
-    The conversion runs in a child process: in the notebook's own process it left the heap fragmented, and every
-    later phase peaked higher (measured in a Jupyter kernel: pass 1.32 vs 0.77 GiB, training 1.75 vs 1.19 GiB).
+    The conversion runs in a child process: in the notebook's own process it left the heap fragmented, and the
+    later phases peaked higher (one Jupyter-kernel run each: pass 1.32 vs 0.77 GiB, training 1.75 vs 1.19 GiB;
+    kernel runs vary, see README's Limits).
     """
     if (out / "model.safetensors.index.json").exists():
         return out

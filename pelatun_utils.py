@@ -94,6 +94,15 @@ def check_train_layers(train_layers: int, num_layers: int) -> int:
     return num_layers - train_layers
 
 
+def status_bytes(field: str) -> int | None:
+    """A memory line of /proc/self/status ('VmRSS', 'VmHWM', 'RssAnon') in bytes; None off Linux."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
 def peak_memory_reset(device: torch.device) -> None:
     """Start a new peak-memory window (CUDA allocator peak, or the process's peak RSS on Linux)."""
     if device.type == "cuda":
@@ -107,10 +116,8 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     """(bytes, what was measured) of the peak since the last reset."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024, "peak_rss"
+    if (hwm := status_bytes("VmHWM")) is not None:
+        return hwm, "peak_rss"
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_rss_process"
 
@@ -154,6 +161,12 @@ def write_json_atomic(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
+class MallInfo2(ctypes.Structure):
+    """glibc's struct mallinfo2 (2.33+): the heap's statistics in bytes."""
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
 @functools.cache
 def glibc():
     """The C library when it is Linux's glibc (mallopt, malloc_trim), else None."""
@@ -161,9 +174,11 @@ def glibc():
         return None
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
+    if hasattr(libc, "mallinfo2"):  # glibc 2.33+
+        libc.mallinfo2.restype = MallInfo2
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def set_malloc(mmap_threshold: int, trim_threshold: int) -> bool:
@@ -207,23 +222,14 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-class MallInfo2(ctypes.Structure):
-    """glibc's struct mallinfo2 (2.33+): the heap's statistics in bytes."""
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
 def heap_unused_bytes() -> int:
     """Resident anonymous memory that malloc has not handed out: freed memory glibc's heap keeps, plus a roughly
     constant share of the interpreter's own (RssAnon minus mallinfo2's in-use bytes); 0 where it cannot tell."""
     libc = glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return 0
-    libc.mallinfo2.restype = MallInfo2
     info = libc.mallinfo2()
-    status = Path("/proc/self/status").read_text()
-    anon = int(re.search(r"RssAnon:\s+(\d+) kB", status).group(1)) << 10
-    return anon - info.uordblks - info.hblkhd
+    return (status_bytes("RssAnon") or 0) - info.uordblks - info.hblkhd
 
 
 class HeapCap:
@@ -1014,12 +1020,11 @@ class BlockRunner:
     def masks(self, x: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor) -> dict:
         """{'full_attention': mask, 'sliding_attention': mask} as the model's forward builds them."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-        out = {"full_attention": create_causal_mask(**mask_arguments(create_causal_mask, self.config, x, attention_mask,
-                                                                     position_ids))}
+        builders = {"full_attention": create_causal_mask}
         if getattr(self.config, "sliding_window", None):
-            out["sliding_attention"] = create_sliding_window_causal_mask(**mask_arguments(
-                create_sliding_window_causal_mask, self.config, x, attention_mask, position_ids))
-        return out
+            builders["sliding_attention"] = create_sliding_window_causal_mask
+        return {kind: make(**mask_arguments(make, self.config, x, attention_mask, position_ids))
+                for kind, make in builders.items()}
 
     def layer_type(self, i: int) -> str:
         """'full_attention' or 'sliding_attention' for layer i."""
@@ -1350,11 +1355,7 @@ def current_memory(device: torch.device) -> int:
     """Memory in use now: CUDA allocated, or this process's RSS."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return status_bytes("VmRSS") or 0
 
 
 def batch_activation_bytes(config, batch_tokens: int, dtype: torch.dtype) -> int:

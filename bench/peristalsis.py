@@ -118,13 +118,6 @@ def ids_sha256(samples) -> str:
     return h.hexdigest()
 
 
-def rss_now() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 class Pelatun:
     """create_cache + plan_pass + embed + peristalsis, as pelatun.ipynb runs them."""
 
@@ -371,7 +364,7 @@ def worker_main(spec_path: str) -> None:
         warmup = time.perf_counter() - t0
         ready = {"ready": True, "setup_seconds": setup, "warmup_seconds": warmup, "warmup_samples": len(warm),
                  "ids_sha256": ids_sha256(samples), "tokens": sum(len(s.ids) for s in samples),
-                 "info": runner.info, "rss_after_setup": rss_now(), "torch_threads": torch.get_num_threads()}
+                 "info": runner.info, "rss_after_setup": pu.status_bytes("VmRSS") or 0, "torch_threads": torch.get_num_threads()}
         if device.type == "cuda":
             ready["gpu_memory_after_setup"] = torch.cuda.memory_allocated(device)
         if kind.startswith("pelatun"):
